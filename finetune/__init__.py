@@ -1,0 +1,34 @@
+"""finetune: domain fine-tuning of Hugging Face causal LMs with fastai.
+
+Name corpora, pack them into token blocks, and fine-tune any `AutoModelForCausalLM` with a real
+fastai `Learner`. The public names are re-exported here; each lives in the module of its stage.
+"""
+
+from .corpora import Corpus
+from .data import LMBlock, LMDataLoader, PackedCorpora, lm_dataloaders, pack_corpora
+from .evaluate import CausalLMLoss, Perplexity
+from .generate import generate
+from .learner import CausalLMLearner, causal_lm_learner
+from .models import load_model, load_tokenizer
+from .tokens import PackedBlocks, TokenStore, build_token_store
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'Corpus',
+    'TokenStore',
+    'PackedBlocks',
+    'build_token_store',
+    'PackedCorpora',
+    'LMBlock',
+    'LMDataLoader',
+    'pack_corpora',
+    'lm_dataloaders',
+    'load_model',
+    'load_tokenizer',
+    'CausalLMLoss',
+    'Perplexity',
+    'CausalLMLearner',
+    'causal_lm_learner',
+    'generate',
+]
