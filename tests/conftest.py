@@ -55,6 +55,7 @@ def tiny_llama(vocab_size: int, **kw):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
+    kw = {'max_position_embeddings': 128, **kw}
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -62,7 +63,6 @@ def tiny_llama(vocab_size: int, **kw):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
         **kw,
     )
     return AutoModelForCausalLM.from_config(cfg)

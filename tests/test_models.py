@@ -95,3 +95,29 @@ def test_trust_remote_code_stays_off(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, 'from_pretrained', fake)
     load_model('some-org/some-model')
     assert seen['trust_remote_code'] is False
+
+
+def test_gguf_file_becomes_an_ordinary_trainable_model(tmp_path, llama, tokenizer):
+    from gguf_fixture import write_tiny_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / 'tiny.gguf'
+    write_tiny_gguf(path, llama, tokenizer)
+    # transformers alone marks a GGUF model quantized, and then refuses to save it
+    raw = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file='tiny.gguf')
+    with pytest.raises(ValueError, match='not serializable'):
+        raw.save_pretrained(tmp_path / 'raw')
+
+    model = load_model(path)
+    assert not getattr(model, 'is_quantized', False) and getattr(model, 'hf_quantizer', None) is None
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    x = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, llama.eval()(x).logits, atol=1e-5)
+    tok = load_tokenizer(path)
+    assert tok('the big cat sat')['input_ids'] == tokenizer('the big cat sat')['input_ids']
+    assert tok.eos_token == tokenizer.eos_token and tok.pad_token is not None
+    model.save_pretrained(tmp_path / 'out')  # an ordinary checkpoint now
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / 'out')
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
