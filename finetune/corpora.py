@@ -127,6 +127,14 @@ class Corpus:
             h.update(str(getattr(self.dataset, '_fingerprint', id(self.dataset))).encode())
         return h.hexdigest()
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the corpus's files on disk (0 for an in-memory dataset)."""
+        return sum(
+            sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) if p.is_dir() else p.stat().st_size
+            for p in self.files
+        )
+
     # --- reading ---
     def documents(self) -> Iterator[str]:
         """Each document, whole. Convenient for small corpora; `segments` streams long documents."""

@@ -36,6 +36,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 BATCH_CHARS = 1 << 22  # characters handed to the tokenizer per batch call
+PROGRESS_BYTES = 1 << 22  # corpora larger than this show a progress bar while they are tokenized
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -99,7 +100,12 @@ class TokenStore:
         return f'TokenStore({self.meta["corpus"]!r}: {self.n_docs:,} documents, {self.n_tokens:,} tokens, {self.path})'
 
 
-def build_token_store(corpus: Corpus, tokenizer, cache: str | os.PathLike | None = None) -> TokenStore:
+def build_token_store(
+    corpus: Corpus,
+    tokenizer,
+    cache: str | os.PathLike | None = None,  # the cache folder; default $FINETUNE_CACHE or ~/.cache/finetune
+    progress: bool = True,  # show a progress bar (in MB of text) for corpora over 4 MB
+) -> TokenStore:
     """Tokenize `corpus` into the cache, or load it from there if these inputs were tokenized before."""
     if tokenizer.eos_token_id is None:
         raise ValueError(f'tokenizer {type(tokenizer).__name__} has no eos_token: documents need one between them')
@@ -118,7 +124,7 @@ def build_token_store(corpus: Corpus, tokenizer, cache: str | os.PathLike | None
     except OSError as e:
         raise OSError(f'cannot write the token cache under {root}: {e}; set FINETUNE_CACHE or pass cache=') from e
     try:
-        _write_store(corpus, tokenizer, tmp)
+        _write_store(corpus, tokenizer, tmp, progress)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same entry first
@@ -131,8 +137,18 @@ def build_token_store(corpus: Corpus, tokenizer, cache: str | os.PathLike | None
     return TokenStore.load(final)
 
 
-def _write_store(corpus: Corpus, tokenizer, folder: Path) -> None:
+def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> None:
     eos = tokenizer.eos_token_id
+    nbytes = corpus.nbytes if progress else 0
+    bar = None
+    if nbytes > PROGRESS_BYTES:
+        from fastprogress.fastprogress import progress_bar
+
+        total_mb = max(1, round(nbytes / 1e6))
+        bar = progress_bar(range(total_mb))
+        bar.comment = f'tokenizing {corpus.name!r} (MB)'  # the console bar takes no comment argument
+        bar.update(0)
+    done = 0
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     offsets, n_tokens = [0], 0
     with open(folder / 'ids.bin', 'wb') as out:
@@ -162,8 +178,12 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path) -> None:
             size += len(text)
             if size >= BATCH_CHARS:
                 flush()
-                size = 0
+                done, size = done + size, 0
+                if bar is not None:
+                    bar.update(min(int(done / 1e6), bar.total - 1))
         flush()
+        if bar is not None:
+            bar.update(bar.total)
     np.save(folder / 'offsets.npy', np.asarray(offsets, dtype=np.int64))
     stats = corpus.stats
     meta = {

@@ -137,3 +137,22 @@ def test_pack_across_spans():
 def test_pack_too_short_has_no_blocks():
     pb = PackedBlocks(np.arange(4, dtype=np.uint16), [(0, 4)], seq_len=4)
     assert len(pb) == 0 and pb.dropped == 4
+
+
+def test_large_corpus_shows_progress(tmp_path, tokenizer, cache, monkeypatch, capsys):
+    monkeypatch.setattr(tokens, 'PROGRESS_BYTES', 100)
+    monkeypatch.setattr(tokens, 'BATCH_CHARS', 200)
+    (tmp_path / 'a.txt').write_text('the cat sat on the mat\n' * 50)
+    build_token_store(Corpus(tmp_path, name='big'), tokenizer, cache)
+    assert "tokenizing 'big'" in capsys.readouterr().out
+    build_token_store(Corpus(tmp_path, name='big'), tokenizer, tmp_path / 'other', progress=False)
+    assert 'tokenizing' not in capsys.readouterr().out
+
+
+def test_import_does_not_load_fastai_text_or_spacy():
+    import subprocess
+    import sys
+
+    code = 'import sys, finetune; print(sorted(m for m in sys.modules if m.startswith(("spacy", "fastai.text"))))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]'
