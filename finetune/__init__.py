@@ -4,6 +4,13 @@ Name corpora, pack them into token blocks, and fine-tune any `AutoModelForCausal
 fastai `Learner`. The public names are re-exported here; each lives in the module of its stage.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # fastai.layers calls torch.jit.script at import time, which recent torch deprecates: nothing a user can act on
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    import fastai.data.block  # noqa: F401
+
 from .corpora import Corpus
 from .data import LMBlock, LMDataLoader, PackedCorpora, lm_dataloaders, pack_corpora
 from .evaluate import CausalLMLoss, Perplexity
