@@ -118,11 +118,14 @@ class Corpus:
         h = hashlib.sha256()
         h.update(json.dumps([self.text_field, self.doc_sep, self.errors, self.split]).encode())
         for path in self.files:
-            h.update(str(path).encode() + b'\0')
-            with open(path, 'rb') as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    h.update(chunk)
-            h.update(b'\1')
+            # a saved dataset is a folder: hash each of its files
+            parts = sorted(f for f in path.rglob('*') if f.is_file()) if path.is_dir() else [path]
+            for part in parts:
+                h.update(str(part).encode() + b'\0')
+                with open(part, 'rb') as f:
+                    while chunk := f.read(_HASH_CHUNK):
+                        h.update(chunk)
+                h.update(b'\1')
         if self.dataset is not None:
             h.update(str(getattr(self.dataset, '_fingerprint', id(self.dataset))).encode())
         return h.hexdigest()

@@ -75,7 +75,8 @@ def _split_corpus(
             note = f'held out {k} documents, not {want}, to fill one validation block of {block} tokens'
         valid_docs = k
     else:
-        cut = n_tokens - max(block, math.ceil(n_tokens * valid_pct))
+        # at least one block on each side (n_tokens >= 2 blocks was checked above)
+        cut = n_tokens - min(max(block, math.ceil(n_tokens * valid_pct)), n_tokens - block)
         train, valid, valid_docs = [(0, cut)], [(cut, n_tokens)], 0
         note = (
             f'{n_docs} document(s) are too few to hold any out: the last {n_tokens - cut:,} tokens of the stream '

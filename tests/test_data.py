@@ -148,3 +148,10 @@ def test_nothing_written_under_the_data(cat_corpus_dir, tokenizer, cache):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in cat_corpus_dir.rglob('*'))
     lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=16, cache=cache, verbose=False).one_batch()
     assert sorted((str(p), p.stat().st_mtime_ns) for p in cat_corpus_dir.rglob('*')) == before
+
+
+def test_tail_fallback_keeps_a_training_block_at_high_valid_pct(tmp_path, tokenizer, cache):
+    (tmp_path / 'one.txt').write_text('the cat sat on the mat.\n' * 12)
+    with pytest.warns(UserWarning, match='too few to hold any out'):
+        packed = pack_corpora(Corpus(tmp_path / 'one.txt'), tokenizer, seq_len=8, valid_pct=0.95, cache=cache)
+    assert len(packed.splits[0].train) >= 1 and len(packed.splits[0].valid) >= 1

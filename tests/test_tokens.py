@@ -156,3 +156,17 @@ def test_import_does_not_load_fastai_text_or_spacy():
     code = 'import sys, finetune; print(sorted(m for m in sys.modules if m.startswith(("spacy", "fastai.text"))))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == '[]'
+
+
+def test_saved_dataset_store_and_invalidation(tmp_path, tokenizer, cache, count_encodes):
+    import datasets
+
+    datasets.Dataset.from_dict({'text': ['the cat sat', 'the dog ran']}).save_to_disk(tmp_path / 'ds')
+    store = build_token_store(Corpus(tmp_path / 'ds', name='hf'), tokenizer, cache)
+    assert store.n_docs == 2
+    n = len(count_encodes)
+    assert build_token_store(Corpus(tmp_path / 'ds', name='hf'), tokenizer, cache).path == store.path
+    assert len(count_encodes) == n
+    datasets.Dataset.from_dict({'text': ['the cat ran']}).save_to_disk(tmp_path / 'ds2')
+    other = build_token_store(Corpus(tmp_path / 'ds2', name='hf'), tokenizer, cache)
+    assert other.path != store.path and other.n_docs == 1
