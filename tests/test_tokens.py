@@ -142,10 +142,11 @@ def test_pack_too_short_has_no_blocks():
 def test_large_corpus_shows_progress(tmp_path, tokenizer, cache, monkeypatch, capsys):
     monkeypatch.setattr(tokens, 'PROGRESS_BYTES', 100)
     monkeypatch.setattr(tokens, 'BATCH_CHARS', 200)
-    (tmp_path / 'a.txt').write_text('the cat sat on the mat\n' * 50)
-    build_token_store(Corpus(tmp_path, name='big'), tokenizer, cache)
+    (tmp_path / 'big').mkdir()
+    (tmp_path / 'big' / 'a.txt').write_text('the cat sat on the mat\n' * 50)
+    build_token_store(Corpus(tmp_path / 'big'), tokenizer, cache)
     assert "tokenizing 'big'" in capsys.readouterr().out
-    build_token_store(Corpus(tmp_path, name='big'), tokenizer, tmp_path / 'other', progress=False)
+    build_token_store(Corpus(tmp_path / 'big'), tokenizer, tmp_path / 'other', progress=False)
     assert 'tokenizing' not in capsys.readouterr().out
 
 
