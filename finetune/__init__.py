@@ -12,10 +12,12 @@ with warnings.catch_warnings():
     import fastai.data.block  # noqa: F401
 
 from .corpora import Corpus
-from .data import LMBlock, LMDataLoader, PackedCorpora, lm_dataloaders, pack_corpora
-from .evaluate import CausalLMLoss, Perplexity
+from .data import LMBlock, LMDataLoader, LMDataLoaders, PackedCorpora, lm_dataloaders, pack_corpora
+from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
 from .generate import generate
 from .learner import CausalLMLearner, causal_lm_learner
+from .mix import CorpusMix, MixSampler
+from .mix_report import MixChecks, MixReport, mix_report
 from .models import load_model, load_tokenizer
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
@@ -23,18 +25,25 @@ __version__ = '0.1.0'
 
 __all__ = [
     'Corpus',
+    'CorpusMix',
+    'MixSampler',
+    'MixChecks',
+    'MixReport',
+    'mix_report',
     'TokenStore',
     'PackedBlocks',
     'build_token_store',
     'PackedCorpora',
     'LMBlock',
     'LMDataLoader',
+    'LMDataLoaders',
     'pack_corpora',
     'lm_dataloaders',
     'load_model',
     'load_tokenizer',
     'CausalLMLoss',
     'Perplexity',
+    'CorpusPerplexity',
     'CausalLMLearner',
     'causal_lm_learner',
     'generate',

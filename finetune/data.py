@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -24,11 +23,19 @@ from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Categorize
 from fasttransform import Transform
 
-from .corpora import Corpus
 from .display import show_table
+from .mix import CorpusMix, MixSampler, plan_mix
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
-__all__ = ['CorpusSplit', 'PackedCorpora', 'LMBlock', 'LMDataLoader', 'pack_corpora', 'lm_dataloaders']
+__all__ = [
+    'CorpusSplit',
+    'PackedCorpora',
+    'LMBlock',
+    'LMDataLoader',
+    'LMDataLoaders',
+    'pack_corpora',
+    'lm_dataloaders',
+]
 
 
 @dataclass
@@ -41,6 +48,7 @@ class CorpusSplit:
     valid: PackedBlocks
     valid_docs: int  # documents held out; 0 when the stream's tail was held out instead
     note: str = ''  # how validation was chosen when the plain split could not be used
+    valid_doc_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the held-out documents
 
     @property
     def dropped(self) -> int:
@@ -75,6 +83,7 @@ def _split_corpus(
             note = f'held out {k} documents, not {want}, to fill one validation block of {block} tokens'
         valid_docs = k
     else:
+        valid_ids = np.zeros(0, dtype=np.int64)
         # at least one block on each side (n_tokens >= 2 blocks was checked above)
         cut = n_tokens - min(max(block, math.ceil(n_tokens * valid_pct)), n_tokens - block)
         train, valid, valid_docs = [(0, cut)], [(cut, n_tokens)], 0
@@ -83,16 +92,24 @@ def _split_corpus(
             'are the validation set'
         )
     return CorpusSplit(
-        name, store, PackedBlocks(store.ids, train, seq_len), PackedBlocks(store.ids, valid, seq_len), valid_docs, note
+        name,
+        store,
+        PackedBlocks(store.ids, train, seq_len),
+        PackedBlocks(store.ids, valid, seq_len),
+        valid_docs,
+        note,
+        valid_ids,
     )
 
 
 class PackedCorpora:
     """Several corpora, tokenized, split and packed; the items of the `DataBlock` are block numbers."""
 
-    def __init__(self, splits: list[CorpusSplit], tokenizer, seq_len: int):
-        self.splits, self.tokenizer, self.seq_len = splits, tokenizer, seq_len
+    def __init__(self, splits: list[CorpusSplit], tokenizer, seq_len: int, mix: CorpusMix):
+        self.splits, self.tokenizer, self.seq_len, self.mix = splits, tokenizer, seq_len, mix
         self.names = [s.name for s in splits]
+        self.plan = plan_mix(self.mix, [len(s.train) for s in splits], seq_len)
+        self.train_offsets = np.concatenate([[0], np.cumsum([len(s.train) for s in splits])[:-1]]).astype(int).tolist()
         train = [(c, i) for c, s in enumerate(splits) for i in range(len(s.train))]
         valid = [(c, i) for c, s in enumerate(splits) for i in range(len(s.valid))]
         self.n_train = len(train)
@@ -161,7 +178,7 @@ class PackedCorpora:
 
 
 def pack_corpora(
-    corpora,  # a Corpus or a list of them (each with a distinct name)
+    corpora,  # a CorpusMix, a Corpus, or a list of them (mixed by size: every block once per epoch)
     tokenizer,  # a Hugging Face tokenizer (fast ones tokenize in Rust on all cores)
     seq_len: int = 512,  # tokens per training sequence
     valid_pct: float = 0.05,  # fraction of each corpus's documents held out for validation
@@ -169,16 +186,8 @@ def pack_corpora(
     cache: str | os.PathLike | None = None,  # the cache folder; default $FINETUNE_CACHE or ~/.cache/finetune
 ) -> PackedCorpora:
     """Tokenize (or load from cache) each corpus, hold out validation documents, and pack blocks."""
-    corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
-    if not corpora:
-        raise ValueError('no corpora given')
-    for c in corpora:
-        if not isinstance(c, Corpus):
-            raise TypeError(f'expected Corpus objects, got {type(c).__name__}: wrap paths in Corpus(path, name=...)')
-    names = [c.name for c in corpora]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f'corpus names must be distinct; repeated: {dupes}. Pass name= to Corpus')
+    mix = corpora if isinstance(corpora, CorpusMix) else CorpusMix(corpora)
+    corpora = mix.corpora
     if not 0 < valid_pct < 1:
         raise ValueError(f'valid_pct must be between 0 and 1 (exclusive), got {valid_pct}')
     if seq_len < 1:
@@ -195,7 +204,7 @@ def pack_corpora(
         if split.note:
             warnings.warn(f'corpus {corpus.name!r}: {split.note}', stacklevel=2)
         splits.append(split)
-    return PackedCorpora(splits, tokenizer, seq_len)
+    return PackedCorpora(splits, tokenizer, seq_len, mix)
 
 
 class TokenIds(Transform):
@@ -213,7 +222,22 @@ class TokenIds(Transform):
 
 
 class LMDataLoader(TfmdDL):
-    """A `TfmdDL` whose `show_batch` shows decoded text and the corpus each row came from."""
+    """A `TfmdDL` that draws from a `MixSampler` when it has one, and shows decoded text with its corpus."""
+
+    sampler: MixSampler | None = None
+
+    @property
+    def n(self):
+        return len(self.sampler) if self.sampler is not None else self._n
+
+    @n.setter
+    def n(self, value):
+        self._n = value
+
+    def get_idxs(self):
+        if self.sampler is None:
+            return super().get_idxs()
+        return self.sampler.indices()
 
     def show_batch(
         self, b=None, max_n: int = 6, ctxs=None, show: bool = True, unique: bool = False, trunc_at: int = 300
@@ -248,13 +272,35 @@ def LMBlock(tokenizer) -> TransformBlock:
     return TransformBlock(type_tfms=TokenIds(tokenizer), dl_type=LMDataLoader)
 
 
+class LMDataLoaders(DataLoaders):
+    """fastai `DataLoaders` that know their corpora, tokenizer and mix."""
+
+    packed: PackedCorpora
+    tokenizer = None
+    seq_len: int
+
+    @property
+    def sampler(self) -> MixSampler:
+        return self.train.sampler
+
+    def mix_report(self, show: bool = True, **checks):
+        """The mix report, with the tokens training has consumed from each corpus so far."""
+        from .mix_report import mix_report
+
+        return mix_report(self.packed, trained_tokens=self.trained_tokens, show=show, **checks)
+
+    @property
+    def trained_tokens(self) -> list[int]:
+        return getattr(self, '_trained_tokens', [0] * len(self.packed.names))
+
+
 def lm_dataloaders(
-    corpora,  # a Corpus, a list of them, or a PackedCorpora already built
+    corpora,  # a CorpusMix, a Corpus, a list of them, or a PackedCorpora already built
     tokenizer,  # a Hugging Face tokenizer
     seq_len: int = 512,  # tokens per training sequence
     bs: int = 8,  # sequences per batch
     valid_pct: float = 0.05,  # fraction of each corpus's documents held out for validation
-    seed: int = 42,  # held-out documents and the training order
+    seed: int = 42,  # held-out documents, and the training order unless the CorpusMix has its own seed
     cache: str | os.PathLike | None = None,  # token cache folder
     num_workers: int = 0,  # blocks are memory-mapped slices: worker processes rarely pay off
     device=None,  # where batches go; default: fastai's default device
@@ -270,10 +316,13 @@ def lm_dataloaders(
     if bs < 1:
         raise ValueError(f'bs must be at least 1, got {bs}')
     dls = packed.datablock().dataloaders(None, bs=bs, num_workers=num_workers, device=device, drop_last=False, **kwargs)
-    dls.train.rng = random.Random(seed)
+    dls = LMDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
+    mix = packed.mix
+    dls.train.sampler = MixSampler(
+        packed.plan, packed.train_offsets, seed=seed if mix.seed is None else mix.seed, stratified=mix.stratified
+    )
     dls.packed = packed
     dls.tokenizer = packed.tokenizer
     dls.seq_len = packed.seq_len
-    if verbose:
-        show_table(packed.report().drop(columns='note'))
+    dls.mix_report(show=verbose)  # the diagnosis always warns; the table shows when verbose
     return dls

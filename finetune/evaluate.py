@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Metric
 
-__all__ = ['CausalLMLoss', 'Perplexity', 'IGNORE_INDEX']
+__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'IGNORE_INDEX']
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 
@@ -21,27 +21,37 @@ class CausalLMLoss:
     """Mean next-token cross-entropy over the labels that are not `IGNORE_INDEX`.
 
     Labels are already shifted (the data pipeline cuts `seq_len + 1` windows), so `labels[:, t]`
-    is the target for `logits[:, t]`.
+    is the target for `logits[:, t]`. Each call also keeps the detached per-row loss sums and
+    token counts (`row_loss`, `row_tokens`), which the per-corpus metrics read instead of
+    recomputing anything.
     """
 
+    row_loss: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, *_) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().long(), ignore_index=IGNORE_INDEX)
+        labels = labels.long()
+        token_loss = F.cross_entropy(
+            logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction='none'
+        ).view(labels.shape)
+        real = labels != IGNORE_INDEX
+        self.row_loss = token_loss.detach().sum(-1)
+        self.row_tokens = real.sum(-1)
+        return token_loss.sum() / real.sum().clamp(min=1)
 
     def __repr__(self) -> str:
         return 'CausalLMLoss()'
 
 
-class Perplexity(Metric):
-    """exp of the token-weighted mean validation loss (not the mean of per-batch perplexities)."""
+class _TokenPerplexity(Metric):
+    """exp of summed token losses over the token count; sums stay on the device until read."""
 
     def reset(self):
         self.total, self.count = None, None
 
-    def accumulate(self, learn):
-        n = (learn.yb[0] != IGNORE_INDEX).sum()
-        total = learn.loss.detach().float() * n
+    def _add(self, total: torch.Tensor, count: torch.Tensor) -> None:
         self.total = total if self.total is None else self.total + total
-        self.count = n if self.count is None else self.count + n
+        self.count = count if self.count is None else self.count + count
 
     @property
     def value(self):
@@ -49,6 +59,32 @@ class Perplexity(Metric):
             return None
         return torch.exp(self.total / self.count).item()
 
+
+class Perplexity(_TokenPerplexity):
+    """Token-weighted validation perplexity (not the mean of per-batch perplexities)."""
+
+    def accumulate(self, learn):
+        n = (learn.yb[0] != IGNORE_INDEX).sum()
+        self._add(learn.loss.detach().float() * n, n)
+
     @property
     def name(self) -> str:
         return 'perplexity'
+
+
+class CorpusPerplexity(_TokenPerplexity):
+    """Token-weighted validation perplexity of one corpus, from the loss function's per-row sums."""
+
+    def __init__(self, corpus: int, name: str):
+        self.corpus, self._name = corpus, name
+
+    def accumulate(self, learn):
+        loss_func = learn.loss_func
+        if getattr(loss_func, 'row_loss', None) is None or len(learn.yb) < 2:
+            raise RuntimeError('CorpusPerplexity needs CausalLMLoss and batches of (input_ids, labels, corpus)')
+        mine = learn.yb[1] == self.corpus
+        self._add((loss_func.row_loss * mine).sum(), (loss_func.row_tokens * mine).sum())
+
+    @property
+    def name(self) -> str:
+        return f'ppl_{self._name}'

@@ -23,12 +23,12 @@ import torch
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 
-from .callbacks import HFCausalLMCallback
-from .evaluate import CausalLMLoss, Perplexity
+from .callbacks import HFCausalLMCallback, MixCallback
+from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
 from .generate import generate
 from .models import ensure_pad_token, load_model, load_tokenizer, model_context_length
 
-__all__ = ['CausalLMLearner', 'causal_lm_learner', 'DEFAULT_LR', 'adamw']
+__all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'DEFAULT_LR', 'adamw']
 
 DEFAULT_LR = 1e-4  # peak one-cycle LR for full fine-tuning of a pretrained LM
 
@@ -81,7 +81,7 @@ def causal_lm_learner(
     wd: float = 0.0,  # weight decay (decoupled, AdamW)
     opt_func=adamw,  # optimizer constructor taking fastai param groups
     loss_func=None,  # defaults to `CausalLMLoss()`: mean next-token cross-entropy
-    metrics=None,  # defaults to `Perplexity()`
+    metrics=None,  # defaults to perplexity, plus one `ppl_<corpus>` per corpus when there are several
     cbs=None,  # extra fastai callbacks
     trust_remote_code: bool = False,  # for loading `model` by name
     **kwargs,  # passed to `Learner`
@@ -107,12 +107,18 @@ def causal_lm_learner(
         opt_func=opt_func,
         lr=lr,
         wd=wd,
-        metrics=metrics if metrics is not None else [Perplexity()],
-        cbs=[HFCausalLMCallback(), *(cbs or [])],
+        metrics=metrics if metrics is not None else default_metrics(dls),
+        cbs=[HFCausalLMCallback(), *([MixCallback()] if hasattr(dls, 'packed') else []), *(cbs or [])],
         **kwargs,
     )
     learn.tokenizer = tokenizer
     return learn
+
+
+def default_metrics(dls) -> list:
+    """Overall perplexity, and each corpus's when the data has several."""
+    names = getattr(getattr(dls, 'packed', None), 'names', [])
+    return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]
 
 
 def _check_seq_len(model, seq_len: int | None) -> None:

@@ -34,7 +34,7 @@ __all__ = [
     'tokenizer_fingerprint',
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-document content hashes, unknown-token count
 BATCH_CHARS = 1 << 22  # characters handed to the tokenizer per batch call
 PROGRESS_BYTES = 1 << 22  # corpora larger than this show a progress bar while they are tokenized
 
@@ -95,6 +95,11 @@ class TokenStore:
 
     def document(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def doc_hashes(self) -> np.ndarray:
+        """A 64-bit content hash of each document's token ids (equal documents, equal hashes)."""
+        return np.load(self.path / 'doc_hashes.npy')
 
     def __repr__(self) -> str:
         return f'TokenStore({self.meta["corpus"]!r}: {self.n_docs:,} documents, {self.n_tokens:,} tokens, {self.path})'
@@ -184,7 +189,13 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> Non
         flush()
         if bar is not None:
             bar.update(bar.total)
-    np.save(folder / 'offsets.npy', np.asarray(offsets, dtype=np.int64))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    np.save(folder / 'offsets.npy', offsets)
+    ids = np.memmap(folder / 'ids.bin', dtype=dtype, mode='r', shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
+    np.save(folder / 'doc_hashes.npy', _doc_hashes(ids, offsets))
+    unk = tokenizer.unk_token_id
+    n_unk = int(np.count_nonzero(ids == unk)) if unk is not None and unk != eos and n_tokens else 0
+    del ids
     stats = corpus.stats
     meta = {
         'format': FORMAT_VERSION,
@@ -194,10 +205,20 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> Non
         'n_docs': len(offsets) - 1,
         'dtype': np.dtype(dtype).name,
         'eos_token_id': eos,
+        'n_unk': n_unk,
+        'max_doc_tokens': int(np.diff(offsets).max()) if len(offsets) > 1 else 0,
         'tokenizer': getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__,
         'read_stats': {k: getattr(stats, k) for k in ReadStats.__dataclass_fields__},
     }
     (folder / 'meta.json').write_text(json.dumps(meta, indent=1))
+
+
+def _doc_hashes(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    out = np.empty(len(offsets) - 1, dtype=np.uint64)
+    for i in range(len(out)):
+        digest = hashlib.blake2b(ids[offsets[i] : offsets[i + 1]].tobytes(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, 'little')
+    return out
 
 
 class PackedBlocks:

@@ -22,7 +22,7 @@ QUICKSTART = [
         'import ast, sysconfig, tempfile\n'
         'from pathlib import Path\n'
         'from pydoc_data.topics import topics\n'
-        'from finetune import Corpus, causal_lm_learner, lm_dataloaders'
+        'from finetune import Corpus, CorpusMix, causal_lm_learner, lm_dataloaders'
     ),
     new_markdown_cell(
         '## 1. Data gathering\n\n'
@@ -41,9 +41,10 @@ QUICKSTART = [
         '    docs = [ast.get_docstring(n) for n in ast.walk(tree)\n'
         '            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))]\n'
         "    (data / 'docstrings' / f'{path.stem}.txt').write_text('\\n\\n'.join(d for d in docs if d))\n"
-        "reference = Corpus(data / 'reference', name='reference')\n"
+        "reference = Corpus(data / 'reference', name='reference', target=True)\n"
         "general = Corpus(data / 'docstrings', name='general', doc_sep='\\n\\n')\n"
-        'reference, general'
+        "mix = CorpusMix([general, reference], share={'reference': 0.5})\n"
+        'mix'
     ),
     new_markdown_cell('A tokenizer and a tiny model (replace with `load_tokenizer(MODEL)` and `MODEL` for real work):'),
     new_code_cell(
@@ -59,17 +60,21 @@ QUICKSTART = [
         '                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256))'
     ),
     new_markdown_cell(
-        '## 2–3. Token store, blocks, DataLoaders\n\n'
-        'Each corpus is tokenized once into a cached on-disk store; 5% of each corpus\'s documents are held '
-        'out for validation before packing; the table counts blocks and the tokens of each final partial block.'
+        '## 2–3. Token store, mix report, DataLoaders\n\n'
+        "Each corpus is tokenized once into a cached on-disk store. The mix report says what "
+        "`share={'reference': 0.5}` means: the share of each epoch, tokens and repeats per epoch, and what "
+        'looks wrong. 5% of each corpus\'s documents are held out for validation before packing.'
     ),
-    new_code_cell("dls = lm_dataloaders([general, reference], tok, seq_len=128, bs=16, valid_pct=0.05, seed=42)"),
+    new_code_cell('report = mix.report(tok, seq_len=128)'),
+    new_code_cell('dls = lm_dataloaders(mix, tok, seq_len=128, bs=16, valid_pct=0.05, seed=42, verbose=False)'),
     new_code_cell('dls.show_batch(max_n=4)'),
     new_markdown_cell('## 4. Training with a fastai `Learner`'),
     new_code_cell('learn = causal_lm_learner(dls, model)\nbefore = learn.validate()  # [validation loss, perplexity]\nbefore'),
     new_code_cell('learn.lr_find()'),
     new_code_cell('learn.fit_one_cycle(1, 3e-3)'),
     new_code_cell('learn.recorder.plot_loss()'),
+    new_markdown_cell('The tokens each corpus supplied to training:'),
+    new_code_cell('dls.mix_report();'),
     new_markdown_cell('## 5. Evaluate, generate, save'),
     new_code_cell(
         'after = learn.validate()\n'

@@ -42,4 +42,9 @@ def test_readme_example_runs(tmp_path, monkeypatch, tokenizer, cache):
     learn = scope['learn']
     assert learn.recorder.values  # fine_tune ran
     assert (tmp_path / 'out' / 'legal-model' / 'model.safetensors').exists()
-    assert scope['dls'].packed.names == ['general', 'legal']
+    dls = scope['dls']
+    assert dls.packed.names == ['general', 'legal']
+    general_draws, legal_draws = dls.packed.plan.draws
+    assert abs(general_draws - legal_draws) <= 1  # share={'legal': 0.5}
+    assert all(dls.trained_tokens)
+    assert learn.recorder.metric_names[-3:-1] == ['ppl_general', 'ppl_legal']

@@ -1,0 +1,247 @@
+"""Mixing corpora by tokens: the mix a user asks for, the epoch it implies, and the sampler that draws it.
+
+`CorpusMix` holds corpora with relative `weights` (in tokens) or target `share`s of each epoch's
+training tokens. Once the corpora are packed, `plan_mix` turns that into exact per-corpus block
+counts for an epoch. `MixSampler` draws those blocks: every block of a corpus once per pass
+before any block twice (repeating a small corpus, subsampling a large one with a fresh subset
+each epoch), interleaved across corpora, from its own seeded generator, and resumable mid-epoch
+from `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpora import Corpus
+
+__all__ = ['CorpusMix', 'MixPlan', 'MixSampler', 'plan_mix', 'HARD_MAX_REPEATS']
+
+HARD_MAX_REPEATS = 100  # a share that implies more repeats per epoch than this is an error unless forced
+
+
+class CorpusMix:
+    """Corpora and how to mix them: relative `weights` in tokens, or a `share` of each epoch's training tokens."""
+
+    def __init__(
+        self,
+        corpora,  # Corpus objects with distinct names
+        weights: dict[str, float] | None = None,  # relative weights in tokens, for every corpus without a share
+        share: dict[str, float] | None = None,  # fraction of each epoch's training tokens, per corpus
+        epoch_tokens: int | None = None,  # training tokens per epoch; default: every corpus's training tokens once
+        seed: int | None = None,  # the sampler's seed; default: the seed given to `lm_dataloaders`
+        stratified: bool = False,  # every batch holds the mix, not just every epoch
+        force: bool = False,  # allow a share that repeats a corpus more than HARD_MAX_REPEATS times per epoch
+    ):
+        self.corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
+        if not self.corpora:
+            raise ValueError('CorpusMix needs at least one corpus')
+        for c in self.corpora:
+            if not isinstance(c, Corpus):
+                raise TypeError(
+                    f'expected Corpus objects, got {type(c).__name__}: wrap paths in Corpus(path, name=...)'
+                )
+        self.names = [c.name for c in self.corpora]
+        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dupes:
+            raise ValueError(f'corpus names must be distinct; repeated: {dupes}. Pass name= to Corpus')
+        self.weights = _check_numbers('weights', weights or {}, self.names)
+        self.share = _check_numbers('share', share or {}, self.names)
+        both = sorted(set(self.weights) & set(self.share))
+        if both:
+            raise ValueError(f'{both} given both a weight and a share: give each corpus one or the other')
+        for name, s in self.share.items():
+            if s > 1:
+                raise ValueError(f'share for {name!r} is {s}: a share is a fraction of training tokens, at most 1')
+        total_share = sum(self.share.values())
+        if total_share > 1 + 1e-9:
+            raise ValueError(f'shares sum to {total_share:g}, more than 1: {self.share}')
+        rest = [n for n in self.names if n not in self.share]
+        missing = [n for n in rest if n not in self.weights]
+        if self.weights and missing:
+            raise ValueError(
+                f'weights name {sorted(self.weights)} but not {missing}: give every corpus without a share a weight '
+                '(0 leaves it out of training), or give no weights to split the rest by size'
+            )
+        if not rest and abs(total_share - 1) > 1e-9:
+            raise ValueError(f'every corpus has a share, so the shares must sum to 1; they sum to {total_share:g}')
+        if self.weights and rest and total_share < 1 - 1e-9 and sum(self.weights[n] for n in rest) == 0:
+            raise ValueError(
+                f'all weights are zero ({self.weights}) and the shares leave {1 - total_share:g} of the epoch '
+                'to these corpora: give at least one a positive weight'
+            )
+        if epoch_tokens is not None and (not isinstance(epoch_tokens, int) or epoch_tokens < 1):
+            raise ValueError(f'epoch_tokens must be a positive whole number of tokens, got {epoch_tokens!r}')
+        self.epoch_tokens, self.seed, self.stratified, self.force = epoch_tokens, seed, stratified, force
+
+    def fractions(self, sizes: dict[str, int]) -> dict[str, float]:
+        """Each corpus's fraction of an epoch's training tokens, given each corpus's training size."""
+        total_share = sum(self.share.values())
+        rest = [n for n in self.names if n not in self.share]
+        base = {n: (self.weights[n] if self.weights else sizes[n]) for n in rest}
+        base_total = sum(base.values())
+        out = {}
+        for n in self.names:
+            if n in self.share:
+                out[n] = self.share[n]
+            else:
+                out[n] = (1 - total_share) * base[n] / base_total if base_total > 0 else 0.0
+        return out
+
+    def report(self, tokenizer, seq_len: int = 512, valid_pct: float = 0.05, seed: int = 42, cache=None, **checks):
+        """Tokenize (cached) and pack the corpora, then show what this mix means: see `finetune.mix_report`."""
+        from .data import pack_corpora
+        from .mix_report import mix_report
+
+        packed = pack_corpora(self, tokenizer, seq_len=seq_len, valid_pct=valid_pct, seed=seed, cache=cache)
+        return mix_report(packed, **checks)
+
+    def __repr__(self) -> str:
+        how = f'weights={self.weights}' if self.weights else 'by size'
+        if self.share:
+            how = f'share={self.share}, rest {how}'
+        return f'CorpusMix({self.names}, {how})'
+
+
+def _check_numbers(what: str, values: dict, names: list[str]) -> dict[str, float]:
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f'{what} names {unknown}, which are not corpora; the corpora are {names}')
+    out = {}
+    for name, v in values.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f'{what}[{name!r}] must be a number, got {v!r}') from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f'{what}[{name!r}] is {v}: it must be a finite number >= 0')
+        out[name] = v
+    if what == 'weights' and out and all(v == 0 for v in out.values()):
+        raise ValueError(f'all weights are zero ({values}): at least one corpus must train')
+    return out
+
+
+@dataclass
+class MixPlan:
+    """An epoch in blocks: how many each corpus supplies, from how many it has."""
+
+    names: list[str]
+    sizes: list[int]  # training blocks per corpus
+    draws: list[int]  # blocks drawn per corpus per epoch
+    fractions: list[float]  # the asked-for fraction of the epoch
+    seq_len: int
+
+    @property
+    def epoch_blocks(self) -> int:
+        return sum(self.draws)
+
+    @property
+    def repeats(self) -> list[float]:
+        return [d / s if s else 0.0 for d, s in zip(self.draws, self.sizes)]
+
+
+def plan_mix(mix: CorpusMix, sizes: list[int], seq_len: int) -> MixPlan:
+    """Exact block counts per corpus for one epoch (largest-remainder rounding to the epoch size)."""
+    fractions = mix.fractions(dict(zip(mix.names, sizes)))
+    epoch = mix.epoch_tokens // seq_len if mix.epoch_tokens else sum(sizes)
+    if epoch < 1:
+        raise ValueError(f'epoch_tokens={mix.epoch_tokens} is less than one block of seq_len={seq_len}')
+    exact = [epoch * fractions[n] for n in mix.names]
+    draws = [math.floor(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: draws[i] - exact[i])[: epoch - sum(draws)]:
+        draws[i] += 1
+    for name, d, s in zip(mix.names, draws, sizes):
+        if d and not s:
+            raise ValueError(f'corpus {name!r} has no training blocks but its share asks for {d}')
+        if s and d / s > HARD_MAX_REPEATS and not mix.force:
+            raise ValueError(
+                f'corpus {name!r}: its share of {fractions[name]:.1%} asks for {d:,} blocks per epoch from {s:,} '
+                f'training blocks, {d / s:,.0f} repeats (limit {HARD_MAX_REPEATS}): lower its share or epoch_tokens, '
+                'add documents, or pass force=True'
+            )
+    return MixPlan(list(mix.names), list(sizes), draws, [fractions[n] for n in mix.names], seq_len)
+
+
+@dataclass
+class MixSampler:
+    """Draws each epoch's training blocks as a `MixPlan` says; indices count from each corpus's `offsets` entry."""
+
+    plan: MixPlan
+    offsets: list[int]  # index of each corpus's first training block
+    seed: int = 42
+    stratified: bool = False
+    epoch: int = 0  # epochs completed
+    position: int = 0  # blocks already served in the current epoch
+    _cache: tuple = field(default=(None, None), repr=False)
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """Every block index of `epoch` in the order training sees them (a pure function of seed and epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache[0] == epoch:
+            return self._cache[1]
+        corpus_ids, blocks = [], []
+        for c, (n, size) in enumerate(zip(self.plan.draws, self.plan.sizes)):
+            if n:
+                blocks.append(self.offsets[c] + self._stream(c, size, epoch * n, n))
+                corpus_ids.append(np.full(n, c))
+        if not blocks:
+            return np.zeros(0, dtype=np.int64)
+        blocks, corpus_ids = np.concatenate(blocks), np.concatenate(corpus_ids)
+        rng = np.random.default_rng([self.seed, 1, epoch])
+        if self.stratified:
+            # spread each corpus evenly over the epoch: its j-th draw sits at (j + u) / n, u random per corpus
+            keys = (
+                np.concatenate([(np.arange(n) + rng.random()) / n for n in self.plan.draws if n])
+                + rng.random(len(blocks)) * 1e-9
+            )
+            order = np.argsort(keys, kind='stable')
+        else:
+            order = rng.permutation(len(blocks))
+        result = blocks[order].astype(np.int64)
+        self._cache = (epoch, result)
+        return result
+
+    def _stream(self, corpus: int, size: int, start: int, n: int) -> np.ndarray:
+        """Items [start, start + n) of corpus's endless stream of fresh permutations of its blocks."""
+        out, pos = [], start
+        while pos < start + n:
+            k, i = divmod(pos, size)
+            perm = np.random.default_rng([self.seed, 0, corpus, k]).permutation(size)
+            take = perm[i : i + (start + n - pos)]
+            out.append(take)
+            pos += len(take)
+        return np.concatenate(out)
+
+    def indices(self) -> list[int]:
+        """What is left of the current epoch."""
+        return self.epoch_order()[self.position :].tolist()
+
+    def __len__(self) -> int:
+        return self.plan.epoch_blocks - self.position
+
+    def advance(self, n: int) -> None:
+        """Record that `n` more training blocks were consumed; roll over at the end of an epoch."""
+        self.position += n
+        if self.position >= self.plan.epoch_blocks:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {
+            'seed': self.seed,
+            'epoch': self.epoch,
+            'position': self.position,
+            'draws': list(self.plan.draws),
+            'stratified': self.stratified,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state['draws']) != list(self.plan.draws):
+            raise ValueError(
+                f'sampler state is for per-corpus draws {state["draws"]}, this mix draws {self.plan.draws}: '
+                'resume with the same corpora, mix and seq_len'
+            )
+        self.seed, self.epoch, self.position = state['seed'], state['epoch'], state['position']
+        self.stratified = state.get('stratified', self.stratified)
+        self._cache = (None, None)
