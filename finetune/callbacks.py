@@ -9,9 +9,9 @@ is off while fitting (it only costs memory during training).
 from __future__ import annotations
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 
-__all__ = ['HFCausalLMCallback', 'MixCallback']
+__all__ = ['HFCausalLMCallback', 'MixCallback', 'TrainStepCallback', 'resolve_precision', 'cpu_has_native_bf16']
 
 
 def _plain(t):
@@ -72,3 +72,135 @@ class MixCallback(Callback):
             before = self.dls.trained_tokens
             self.dls._trained_tokens = [a + int(b) for a, b in zip(before, self.counts.tolist())]
             self.counts = None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), where autocast pays off."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return any(flag in flags for flag in (' avx512_bf16', ' amx_bf16', ' bf16'))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for fp32."""
+    device = torch.device(device)
+    if precision not in ('auto', 'bf16', 'fp16', 'fp32'):
+        raise ValueError(f"precision={precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
+    if precision == 'fp32':
+        return None
+    cuda = device.type == 'cuda'
+    if precision == 'fp16':
+        if not cuda:
+            raise ValueError(
+                f"precision='fp16' needs a CUDA GPU (the model is on {device.type}): fp16 autocast elsewhere is slow "
+                "and has no loss scaling; use 'bf16' or 'fp32'"
+            )
+        return torch.float16
+    if precision == 'bf16':
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16: use precision='fp16' (with loss scaling) or 'fp32'")
+        if device.type not in ('cpu', 'cuda'):
+            raise ValueError(f"bf16 autocast is supported here on CPU and CUDA, not {device.type}: use 'fp32'")
+        return torch.bfloat16
+    # auto: the fastest safe choice
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == 'cpu' and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+class TrainStepCallback(Callback):
+    """Everything between the forward pass and the optimizer step, in one explicit order.
+
+    1. autocast the forward pass to `dtype` on the model's device (bf16, or fp16 on CUDA); the loss
+       and metrics are computed from fp32 logits outside it;
+    2. with `accum_steps` > 1, backpropagate each micro-batch's summed token loss and step every
+       `accum_steps` micro-batches (and at the end of an epoch), dividing the gradients by the
+       tokens of the whole window: exactly the gradient of one large batch;
+    3. fp16 only: scale the loss, unscale the gradients before clipping, skip steps that overflow;
+    4. clip the gradient norm to `clip` (None: no clipping).
+    """
+
+    order = 20
+
+    def __init__(self, dtype: torch.dtype | None = None, accum_steps: int = 1, clip: float | None = 1.0):
+        if not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f'accum_steps must be a whole number >= 1, got {accum_steps!r}')
+        if clip is not None and not clip > 0:
+            raise ValueError(f'clip must be a positive gradient norm or None, got {clip!r}')
+        self.dtype, self.accum_steps, self.clip = dtype, accum_steps, clip
+        self._autocast, self.scaler = None, None
+
+    def before_fit(self):
+        self.device_type = next(self.learn.model.parameters()).device.type
+        if self.dtype == torch.float16 and self.device_type != 'cuda':
+            raise ValueError("fp16 needs a CUDA GPU: use precision='bf16' or 'fp32'")
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
+        self.count, self.window_tokens = 0, 0
+
+    # 1. autocast
+    def before_batch(self):
+        if self.dtype is not None:
+            self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
+            self._autocast.__enter__()
+
+    def after_pred(self):
+        self._leave_autocast()
+
+    def after_batch(self):
+        self._leave_autocast()
+
+    def after_fit(self):
+        self._leave_autocast()
+
+    def _leave_autocast(self):
+        if self._autocast is not None:
+            self._autocast.__exit__(None, None, None)
+            self._autocast = None
+
+    # 2-3. accumulation and loss scaling
+    def before_backward(self):
+        if self.accum_steps > 1:
+            n = (self.yb[0] != -100).sum()
+            self.learn.loss_grad = self.loss_grad * n
+            self.window_tokens = self.window_tokens + n
+        if self.scaler is not None:
+            self.learn.loss_grad = self.scaler.scale(self.loss_grad)
+
+    def after_backward(self):
+        if self.accum_steps > 1:
+            self.count += 1
+            if self.count < self.accum_steps and self.iter < self.n_iter - 1:
+                raise CancelBatchException()
+
+    def before_step(self):
+        params = [p for p in self.learn.model.parameters() if p.grad is not None]
+        if self.accum_steps > 1:
+            if params:
+                torch._foreach_div_([p.grad for p in params], self.window_tokens.clamp(min=1).to(params[0].grad.dtype))
+            self.count, self.window_tokens = 0, 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self)
+        if self.clip is not None and params:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+        if self.scaler is not None:
+            self._stepped = False
+            self.scaler.step(self)  # calls self.step() only when no gradient overflowed
+            if not self._stepped:
+                raise CancelStepException()
+
+    def after_step(self):
+        if self.scaler is not None:
+            self.scaler.update()
+
+    # the GradScaler talks to this object as if it were the optimizer
+    @property
+    def param_groups(self):
+        return self.learn.opt.opt.param_groups if hasattr(self.learn.opt, 'opt') else self.learn.opt.param_groups
+
+    def step(self, *args, **kwargs):
+        self._stepped = True

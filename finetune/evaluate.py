@@ -28,6 +28,7 @@ class CausalLMLoss:
 
     row_loss: torch.Tensor | None = None
     row_tokens: torch.Tensor | None = None
+    reduction: str = 'mean'  # 'none' gives each row's mean token loss (fastai sets it in get_preds)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, *_) -> torch.Tensor:
         labels = labels.long()
@@ -37,6 +38,8 @@ class CausalLMLoss:
         real = labels != IGNORE_INDEX
         self.row_loss = token_loss.detach().sum(-1)
         self.row_tokens = real.sum(-1)
+        if self.reduction == 'none':
+            return token_loss.sum(-1) / self.row_tokens.clamp(min=1)
         return token_loss.sum() / real.sum().clamp(min=1)
 
     def __repr__(self) -> str:
@@ -64,8 +67,12 @@ class Perplexity(_TokenPerplexity):
     """Token-weighted validation perplexity (not the mean of per-batch perplexities)."""
 
     def accumulate(self, learn):
-        n = (learn.yb[0] != IGNORE_INDEX).sum()
-        self._add(learn.loss.detach().float() * n, n)
+        loss_func = learn.loss_func
+        if getattr(loss_func, 'row_loss', None) is not None:  # exact sums, whatever the reduction
+            self._add(loss_func.row_loss.sum(), loss_func.row_tokens.sum())
+        else:
+            n = (learn.yb[0] != IGNORE_INDEX).sum()
+            self._add(learn.loss.detach().float().mean() * n, n)
 
     @property
     def name(self) -> str:

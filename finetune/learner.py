@@ -2,57 +2,237 @@
 
 `causal_lm_learner` wraps any `AutoModelForCausalLM` (or the hub id, folder or GGUF file of one)
 in `CausalLMLearner`, a small `Learner` subclass: fastai's `fit_one_cycle`, `fine_tune`,
-`lr_find`, recorder and progress bars work unchanged, and the methods a language-model user
-looks for (`generate`, `save_pretrained`) live here, in one place.
+`lr_find`, recorder and progress bars work unchanged, and everything a language-model user looks
+for lives here in one place: `groups()`, `generate`, `save_pretrained`, and the overrides that make
+freezing, `lr_find` and `get_preds` right for LLMs.
 
-Defaults are sized for fine-tuning a pretrained LLM, not for training a CNN head: AdamW from
-torch (foreach kernels), a peak learning rate of 1e-4 for the one-cycle schedule, and no weight
-decay, as in the Hugging Face Trainer.
+Defaults, and why (fine-tuning a pretrained LM, not training a CNN head):
+- torch's AdamW (foreach kernels), no weight decay on norms and biases, `wd=0` as in the HF Trainer;
+- peak LR 1e-4 for full fine-tuning and 2e-4 with LoRA (fastai's 2e-3 is for new heads);
+- `fine_tune`: one frozen epoch (only the last group, norm + LM head, trains), then all groups with
+  discriminative LRs spread over `lr_mult=10`: about 0.92x per layer on a 30-layer model, the range
+  of layer-wise LR decay used for transformer fine-tuning (ULMFiT's 2.6x per LSTM layer is too
+  steep for dozens of blocks);
+- gradient clipping at norm 1.0, mixed precision picked for the device (`precision='auto'`);
+- `train_bn=False`: a frozen group is entirely frozen, norms included.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import fastai.callback.progress  # noqa: F401  (registers the progress bars for every Learner)
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_find live there)
+import numpy as np
 import torch
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
+from fastcore.foundation import L
 
-from .callbacks import HFCausalLMCallback, MixCallback
+from .callbacks import HFCausalLMCallback, MixCallback, TrainStepCallback, resolve_precision
 from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
 from .generate import generate
+from .lora import add_lora, is_peft_model, save_lora
 from .models import ensure_pad_token, load_model, load_tokenizer, model_context_length
+from .splitter import decoder_groups, decoder_splitter, norm_bias_params
 
-__all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'DEFAULT_LR', 'adamw']
+__all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
 
 DEFAULT_LR = 1e-4  # peak one-cycle LR for full fine-tuning of a pretrained LM
+LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a larger step
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, except that parameters in `no_decay` (norms, biases) get no weight decay."""
+
+    no_decay: set[int] = set()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        saved = [g['weight_decay'] for g in self.param_groups]
+        for g in self.param_groups:  # decoupled decay first, exactly as AdamW does, on the decayed params only
+            if g['weight_decay']:
+                decay = [p for p in g['params'] if p.grad is not None and id(p) not in self.no_decay]
+                if decay:
+                    torch._foreach_mul_(decay, 1 - g['lr'] * g['weight_decay'])
+            g['weight_decay'] = 0.0
+        try:
+            return super().step(closure)
+        finally:
+            for g, wd in zip(self.param_groups, saved):
+                g['weight_decay'] = wd
 
 
 def adamw(params, **kwargs) -> OptimWrapper:
-    """torch's AdamW behind fastai's optimizer interface (param groups, freezing, LR schedules)."""
-    return OptimWrapper(params, opt=torch.optim.AdamW, **kwargs)
+    """`AdamW` behind fastai's optimizer interface (param groups, freezing, LR and momentum schedules)."""
+    return OptimWrapper(params, opt=AdamW, **kwargs)
+
+
+class _SlimPreds(Callback):
+    """For `get_preds`: keep the most likely next token and the per-row loss, never full-vocab logits."""
+
+    order = 30
+
+    def after_loss(self):
+        self.learn.pred = self.pred.argmax(-1)
 
 
 class CausalLMLearner(Learner):
-    """A fastai `Learner` that also generates text and saves in Hugging Face format."""
+    """A fastai `Learner` for causal LMs: layer groups, LLM-sized `fine_tune`, generation, HF export."""
 
     tokenizer = None
+    n_groups: int | None = None
+    only: set[int] | None = None  # with LoRA: the ids of the adapter parameters, the only ones grouped
 
+    # --- layer groups and freezing ---
+    def groups(self):
+        """Each group's modules, parameter count, trainable count and current LR, as a DataFrame."""
+        import pandas as pd
+
+        if self.opt is None:
+            self.create_opt()
+        rows = []
+        for i, (g, hyper) in enumerate(zip(self._groups(), self.opt.hypers)):
+            rows.append(
+                {
+                    'group': i,
+                    'name': g.name,
+                    'modules': ', '.join(g.modules[:3]) + (' ...' if len(g.modules) > 3 else ''),
+                    'params': sum(p.numel() for p in g.params),
+                    'trainable': sum(p.numel() for p in g.params if p.requires_grad),
+                    'lr': hyper['lr'],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def _groups(self):
+        return decoder_groups(self.model, self.n_groups, self.only)
+
+    def _bn_bias_state(self, with_bias):
+        # fastai's own search knows BatchNorm and LayerNorm only; this one also finds RMSNorm-style layers
+        return L(norm_bias_params(self.model, with_bias)).map(self.opt.state)
+
+    def create_opt(self):
+        super().create_opt()
+        inner = getattr(self.opt, 'opt', None)
+        if isinstance(inner, AdamW) and not self.wd_bn_bias:
+            inner.no_decay = {id(p) for p in norm_bias_params(self.model)}
+
+    def freeze_to(self, n: int):
+        if self.opt is None:
+            self.create_opt()
+        count = len(self.opt.param_lists)
+        if not -count < n < count:
+            raise ValueError(
+                f'freeze_to({n}): the model has {count} parameter groups, so n must be in {-count + 1}..{count - 1} '
+                '(negative counts from the end; 0 unfreezes everything)'
+            )
+        super().freeze_to(n)
+
+    def freeze(self):
+        if self.opt is None:
+            self.create_opt()
+        if len(self.opt.param_lists) < 2:
+            raise ValueError('the model has a single parameter group: there is nothing to freeze separately')
+        self.freeze_to(-1)
+
+    # --- learning rates ---
+    def _check_lr(self, lr) -> None:
+        if lr is None or isinstance(lr, (int, float, slice)):
+            return
+        if self.opt is None:
+            self.create_opt()
+        values = list(np.ravel(lr))
+        if len(values) not in (1, len(self.opt.param_lists)):
+            raise ValueError(
+                f'{len(values)} learning rates for {len(self.opt.param_lists)} parameter groups: give one, '
+                'one per group, or a slice(lo, hi) to spread them'
+            )
+
+    def fit(self, n_epoch, lr=None, *args, **kwargs):
+        self._check_lr(lr)
+        return super().fit(n_epoch, lr, *args, **kwargs)
+
+    def fit_one_cycle(self, n_epoch, lr_max=None, *args, **kwargs):
+        self._check_lr(lr_max)
+        return super().fit_one_cycle(n_epoch, lr_max, *args, **kwargs)
+
+    def fine_tune(
+        self,
+        epochs: int,  # epochs with every group training
+        base_lr: float | None = None,  # peak LR of the last group; default: the learner's lr
+        freeze_epochs: int = 1,  # epochs with only the last group (norm + LM head) training
+        lr_mult: float = 10,  # the first group's LR is base_lr / lr_mult, the others spread geometrically
+        pct_start: float = 0.3,  # warm-up fraction of the unfrozen one-cycle
+        div: float = 5.0,  # one-cycle starts at lr / div
+        gradual: bool = False,  # ULMFiT gradual unfreezing: one more group per epoch before the full phase
+        **kwargs,
+    ):
+        """fastai's `fine_tune` (frozen phase, then discriminative LRs), with defaults sized for LLMs."""
+        base_lr = self.lr if base_lr is None else base_lr
+        n = len(self._groups())
+        if n < 2 or freeze_epochs == 0:
+            if n < 2 and freeze_epochs:
+                warnings.warn('a single parameter group: skipping the frozen phase', stacklevel=2)
+        elif gradual:
+            for k in range(1, n):
+                self.freeze_to(-k)
+                print(f'gradual unfreezing: training the last {k} of {n} groups')
+                self.fit_one_cycle(1, slice(base_lr / lr_mult, base_lr), pct_start=0.99, **kwargs)
+            base_lr /= 2
+        else:
+            self.freeze()
+            print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({self._groups()[-1].name}) trains')
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+            base_lr /= 2
+        self.unfreeze()
+        lrs = slice(base_lr / lr_mult, base_lr) if n > 1 else base_lr
+        print(f'unfrozen: {epochs} epoch(s), LRs from {base_lr / lr_mult if n > 1 else base_lr:.2g} to {base_lr:.2g}')
+        self.fit_one_cycle(epochs, lrs, pct_start=pct_start, div=div, **kwargs)
+
+    def lr_find(self, *args, **kwargs):
+        """fastai's `lr_find`, leaving weights, optimizer, RNG states and data order as they were."""
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        sampler = getattr(self.dls.train, 'sampler', None)
+        state = sampler.state_dict() if sampler is not None else None
+        try:
+            return super().lr_find(*args, **kwargs)
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            if sampler is not None:
+                sampler.load_state_dict(state)
+
+    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, **kwargs):
+        """Per position, the most likely next token id, and the labels (with `with_loss`, each row's mean loss).
+
+        Full-vocabulary logits are never kept: for a validation set they would not fit in memory.
+        """
+        cbs = [_SlimPreds(), *L(kwargs.pop('cbs', None))]
+        return super().get_preds(ds_idx, dl, with_input, False, with_loss, act=lambda x: x, cbs=cbs, **kwargs)
+
+    # --- using the model ---
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64, **kwargs) -> str | list[str]:
         """Continue `prompts` with the model's `generate` (see `finetune.generate.generate` for options)."""
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write safetensors weights, config, generation config and tokenizer to `path`.
+    def save_pretrained(self, path: str | os.PathLike, merged: bool = False, overwrite: bool = False) -> Path:
+        """Write a Hugging Face folder: safetensors weights, config, generation config, tokenizer.
 
-        `AutoModelForCausalLM.from_pretrained(path)` then gives the same logits as this model.
-        An existing non-empty folder is left alone unless `overwrite=True`; the files are written
-        to a temporary folder beside it first, so a failure leaves nothing half-written.
+        A plain model reloads with `AutoModelForCausalLM.from_pretrained(path)` and gives the same
+        logits. With LoRA, `merged=False` writes the adapter (load it with peft), `merged=True` a
+        plain model with the adapters merged in. An existing non-empty folder is left alone unless
+        `overwrite=True`; files are written to a temporary folder first, then moved into place.
         """
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
@@ -60,7 +240,10 @@ class CausalLMLearner(Learner):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}-', dir=path.parent))
         try:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            if is_peft_model(self.model):
+                save_lora(self.model, tmp, merged)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if path.exists():
@@ -77,12 +260,19 @@ def causal_lm_learner(
     model,  # an `AutoModelForCausalLM`, or a hub id / folder / .gguf file to load one from
     *,
     tokenizer=None,  # defaults to `dls.tokenizer`, else loaded from `model` when that is a name or path
-    lr: float = DEFAULT_LR,  # default peak learning rate for `fit`, `fit_one_cycle`
-    wd: float = 0.0,  # weight decay (decoupled, AdamW)
+    n_groups: int | None = None,  # block groups (plus embeddings and head); default 4, fewer for small models
+    precision: str = 'auto',  # 'auto', 'bf16', 'fp16' (CUDA) or 'fp32'; autocast on the model's device
+    accum_steps: int = 1,  # micro-batches per optimizer step (the gradient equals one large batch's)
+    clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
+    grad_checkpointing: bool = False,  # recompute activations in backward: less memory, about 30% slower
+    lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
+    lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
+    wd: float = 0.0,  # decoupled weight decay (never on norms and biases)
     opt_func=adamw,  # optimizer constructor taking fastai param groups
     loss_func=None,  # defaults to `CausalLMLoss()`: mean next-token cross-entropy
     metrics=None,  # defaults to perplexity, plus one `ppl_<corpus>` per corpus when there are several
     cbs=None,  # extra fastai callbacks
+    train_bn: bool = False,  # keep norms and biases of frozen groups training (fastai's default is True)
     trust_remote_code: bool = False,  # for loading `model` by name
     **kwargs,  # passed to `Learner`
 ) -> CausalLMLearner:
@@ -100,18 +290,33 @@ def causal_lm_learner(
     device = getattr(dls, 'device', None)
     if device is not None:
         model.to(device)
+    dtype = resolve_precision(precision, next(model.parameters()).device)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    only = None
+    if lora:
+        model = add_lora(model, lora)
+        only = {id(p) for p in model.parameters() if p.requires_grad}
+    decoder_groups(model, n_groups, only)  # check n_groups now, not at the first fit
     learn = CausalLMLearner(
         dls,
         model,
         loss_func=loss_func if loss_func is not None else CausalLMLoss(),
         opt_func=opt_func,
-        lr=lr,
+        lr=lr if lr is not None else (LORA_LR if lora else DEFAULT_LR),
         wd=wd,
+        splitter=decoder_splitter(n_groups, only),
         metrics=metrics if metrics is not None else default_metrics(dls),
-        cbs=[HFCausalLMCallback(), *([MixCallback()] if hasattr(dls, 'packed') else []), *(cbs or [])],
+        cbs=[
+            HFCausalLMCallback(),
+            *([MixCallback()] if hasattr(dls, 'packed') else []),
+            TrainStepCallback(dtype, accum_steps=accum_steps, clip=clip),
+            *(cbs or []),
+        ],
+        train_bn=train_bn,
         **kwargs,
     )
-    learn.tokenizer = tokenizer
+    learn.tokenizer, learn.n_groups, learn.only, learn.precision = tokenizer, n_groups, only, dtype
     return learn
 
 

@@ -55,15 +55,9 @@ def tiny_llama(vocab_size: int, **kw):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    kw = {'max_position_embeddings': 128, **kw}
+    kw = {'max_position_embeddings': 128, 'num_hidden_layers': 2, **kw}
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **kw,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **kw
     )
     return AutoModelForCausalLM.from_config(cfg)
 

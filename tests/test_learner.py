@@ -41,10 +41,17 @@ def test_learner_is_a_fastai_learner_and_perplexity_matches_loss(dls, llama):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('make', [tiny_llama, tiny_gpt2])
-def test_fine_tune_lowers_validation_loss(dls, tokenizer, make):
+def test_fine_tune_lowers_validation_loss(tmp_path, tokenizer, cache, make):
+    from conftest import sentences
+
+    folder = tmp_path / 'more'
+    folder.mkdir()
+    for i, s in enumerate(sentences(600, seed=5)):
+        (folder / f'{i:04d}.txt').write_text(s + '\n')
+    dls = lm_dataloaders(Corpus(folder), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
     learn = causal_lm_learner(dls, make(len(tokenizer)))
     before = learn.validate()[0]
-    learn.fine_tune(1, 3e-3, freeze_epochs=1)
+    learn.fine_tune(1, 1e-2, freeze_epochs=1)
     after = learn.validate()[0]
     assert after < before - 0.5, (before, after)
     assert len(learn.recorder.values) == 1 and learn.recorder.metric_names[-2] == 'perplexity'

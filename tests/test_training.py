@@ -1,0 +1,356 @@
+"""Training the ULMFiT way on any causal LM: groups, freezing, discriminative LRs, fine_tune, lr_find,
+mixed precision, accumulation, clipping, LoRA, memory-safe predictions."""
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from fastai.callback.core import Callback, CancelStepException
+from torch import nn
+
+from finetune import Corpus, causal_lm_learner, lm_dataloaders
+from finetune.callbacks import resolve_precision
+from finetune.splitter import decoder_groups, is_norm
+
+ARCHS = {
+    'llama': ('LlamaConfig', dict(tie_word_embeddings=True)),
+    'mistral': ('MistralConfig', {}),
+    'qwen2': ('Qwen2Config', {}),
+    'gemma': ('GemmaConfig', dict(head_dim=8)),
+    'gpt2': ('GPT2Config', {}),
+    'gpt_neox': ('GPTNeoXConfig', {}),
+    'phi': ('PhiConfig', {}),
+    'opt': ('OPTConfig', dict(ffn_dim=64, word_embed_proj_dim=32)),
+}
+
+
+def tiny(arch, vocab=100, layers=4):
+    import transformers
+
+    name, extra = ARCHS[arch]
+    cfg_cls = getattr(transformers, name)
+    if arch == 'gpt2':
+        cfg = cfg_cls(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0)
+    else:
+        kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
+        if arch != 'opt':
+            kw['intermediate_size'] = 64
+        if arch in ('llama', 'mistral', 'qwen2', 'gemma'):
+            kw['num_key_value_heads'] = 2
+        cfg = cfg_cls(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw, **extra)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture
+def dls(cat_corpus_dir, tokenizer, cache):
+    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
+
+
+def four_layer_llama(tokenizer):
+    """Tied embeddings, like SmolLM2: groups are blocks 0-1 | blocks 2-3 | norm + head."""
+    return tiny_llama(len(tokenizer), num_hidden_layers=4, tie_word_embeddings=True)
+
+
+# --- the splitter ---
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_groups_cover_every_parameter_once(arch):
+    model = tiny(arch)
+    groups = decoder_groups(model, n_groups=2)
+    ids = [id(p) for g in groups for p in g.params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert [g.name for g in groups][-3:] == ['blocks 0-1', 'blocks 2-3', 'norm + head']
+    head = groups[-1]
+    assert any(is_norm(m) for n, m in model.named_modules() if any(n and n in d for d in head.modules))
+    assert any(p is model.get_output_embeddings().weight for p in head.params)  # the LM head is in the head group
+    if not model.config.tie_word_embeddings:
+        assert groups[0].name == 'embeddings' and model.get_input_embeddings().weight is groups[0].params[0]
+
+
+def test_rmsnorm_is_a_norm(llama):
+    norms = [n for n, m in llama.named_modules() if is_norm(m)]
+    assert 'model.norm' in norms and 'model.layers.0.input_layernorm' in norms
+
+
+def test_unsplittable_model_falls_back_to_one_group_with_a_warning():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match='one group'):
+        groups = decoder_groups(model)
+    assert len(groups) == 1 and len(groups[0].params) == 4
+
+
+@pytest.mark.parametrize('n', [0, 3, -1, 2.5])
+def test_bad_n_groups(dls, llama, n):
+    with pytest.raises(ValueError, match=r'n_groups=.*2 decoder blocks, so use 1 to 2'):
+        causal_lm_learner(dls, llama, n_groups=n)
+
+
+# --- freezing ---
+
+
+def trainable_by_group(learn):
+    return [[p.requires_grad for p in g.params] for g in learn._groups()]
+
+
+def test_freeze_really_freezes(dls, tokenizer):
+    learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, precision='fp32')
+    learn.freeze()
+    flags = trainable_by_group(learn)
+    assert all(not any(f) for f in flags[:-1]) and all(flags[-1])
+    table = learn.groups()
+    assert list(table.name) == ['blocks 0-1', 'blocks 2-3', 'norm + head']
+    assert (table.trainable == [0, 0, table.params[2]]).all()
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    learn.fit(1, 1e-2)
+    frozen = [n for n in before if n.startswith('model.layers.')]
+    assert all(torch.equal(before[n], dict(learn.model.named_parameters())[n]) for n in frozen)
+    assert not torch.equal(before['model.norm.weight'], learn.model.model.norm.weight)
+    learn.unfreeze()
+    assert all(all(f) for f in trainable_by_group(learn))
+    learn.freeze_to(1)
+    assert [any(f) for f in trainable_by_group(learn)] == [False, True, True]
+
+
+def test_train_bn_keeps_norms_and_biases_trainable(dls, tokenizer):
+    learn = causal_lm_learner(dls, tiny_gpt2(len(tokenizer)), n_groups=2, train_bn=True)
+    learn.freeze()
+    frozen_group = learn._groups()[1]
+    names = {id(p): n for n, p in learn.model.named_parameters()}
+    trainable = sorted(names[id(p)] for p in frozen_group.params if p.requires_grad)
+    assert trainable and all(('ln_' in n) or n.endswith('bias') for n in trainable)
+
+
+@pytest.mark.parametrize('n', [4, -4, 10])
+def test_freeze_to_out_of_range(dls, llama, n):
+    learn = causal_lm_learner(dls, llama, n_groups=2)  # untied: embeddings | block 0 | block 1 | norm + head
+    with pytest.raises(ValueError, match=r'4 parameter groups, so n must be in -3..3'):
+        learn.freeze_to(n)
+
+
+# --- learning rates, fine_tune ---
+
+
+class RecordLRs(Callback):
+    """The peak LR of each group and which groups train, per fit."""
+
+    def before_fit(self):
+        self.learn._fits = getattr(self.learn, '_fits', [])
+        self.learn._fits.append({'lr': [0.0] * len(self.opt.hypers), 'trains': trainable_by_group(self.learn)})
+
+    def before_step(self):
+        peaks = self.learn._fits[-1]['lr']
+        for i, h in enumerate(self.opt.hypers):
+            peaks[i] = max(peaks[i], h['lr'])
+
+
+def test_discriminative_lrs_spread_over_groups(dls, tokenizer):
+    learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2)
+    learn.fit(1, slice(1e-5, 1e-3))
+    assert np.allclose(learn.groups().lr, [1e-5, 1e-4, 1e-3])
+    with pytest.raises(ValueError, match='4 learning rates for 3 parameter groups'):
+        learn.fit(1, [1e-3] * 4)
+    with pytest.raises(ValueError, match='learning rates for 3 parameter groups'):
+        learn.fit_one_cycle(1, np.array([1e-3, 1e-3]))
+
+
+def test_fine_tune_runs_both_phases_with_the_lrs_it_reports(dls, tokenizer, capsys):
+    learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, cbs=[RecordLRs()])
+    learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1, lr_mult=10)
+    frozen, unfrozen = learn._fits
+    assert [any(f) for f in frozen['trains']] == [False, False, True]
+    assert 0.9e-3 < frozen['lr'][-1] <= 1e-3  # one-cycle with pct_start=0.99 nearly reaches its peak
+    assert all(all(f) for f in unfrozen['trains'])
+    assert np.allclose(unfrozen['lr'], [5e-5, 5e-5 * 10**0.5, 5e-4], rtol=1e-2)  # base_lr / 2, spread over 10x
+    out = capsys.readouterr().out
+    assert 'frozen phase: 1 epoch(s), only group 2 (norm + head) trains' in out
+    assert 'LRs from 5e-05 to 0.0005' in out
+
+
+def test_gradual_unfreezing_adds_one_group_per_epoch(dls, tokenizer):
+    learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, cbs=[RecordLRs()])
+    learn.fine_tune(1, base_lr=1e-3, gradual=True)
+    assert [[any(f) for f in fit['trains']] for fit in learn._fits] == [
+        [False, False, True],
+        [False, True, True],
+        [True, True, True],
+    ]
+
+
+def test_lr_find_has_no_side_effects(dls, llama):
+    learn = causal_lm_learner(dls, llama)
+    learn.fit(1, 1e-3)  # optimizer state and a moved sampler to preserve
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    opt_state = {k: v.clone() for k, v in learn.opt.opt.state[next(iter(learn.opt.opt.state))].items()}
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    rng = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    sampler = dls.train.sampler.state_dict()
+    order = dls.train.sampler.indices()
+    learn.lr_find(num_it=8, show_plot=False)
+    assert all(torch.equal(weights[k], v) for k, v in learn.model.state_dict().items())
+    after = learn.opt.opt.state[next(iter(learn.opt.opt.state))]
+    assert all(torch.equal(opt_state[k], after[k]) for k in opt_state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == rng
+    assert dls.train.sampler.state_dict() == sampler and dls.train.sampler.indices() == order
+
+
+# --- mixed precision ---
+
+
+def activation_dtypes(learn):
+    seen = []
+    learn.create_opt()  # finding the groups runs a tiny fp32 forward pass; keep it out of the record
+    layer = learn.model.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        learn.fit(1, 1e-4)
+    finally:
+        handle.remove()
+    return set(seen)
+
+
+def test_bf16_autocast_is_active_on_cpu(dls, llama):
+    learn = causal_lm_learner(dls, llama, precision='bf16')
+    assert activation_dtypes(learn) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())  # weights stay fp32
+    assert learn.recorder.values[-1][0] > 0  # loss and metrics computed (in fp32)
+
+
+def test_fp32_means_no_autocast(dls, llama):
+    assert activation_dtypes(causal_lm_learner(dls, llama, precision='fp32')) == {torch.float32}
+
+
+def test_auto_precision(monkeypatch):
+    import finetune.callbacks as cb
+
+    monkeypatch.setattr(cb, 'cpu_has_native_bf16', lambda: True)
+    assert resolve_precision('auto', torch.device('cpu')) == torch.bfloat16
+    monkeypatch.setattr(cb, 'cpu_has_native_bf16', lambda: False)
+    assert resolve_precision('auto', torch.device('cpu')) is None
+
+
+def test_fp16_on_cpu_is_a_clear_error(dls, llama):
+    with pytest.raises(ValueError, match="precision='fp16' needs a CUDA GPU"):
+        causal_lm_learner(dls, llama, precision='fp16')
+    with pytest.raises(ValueError, match='precision='):
+        causal_lm_learner(dls, llama, precision='int8')
+
+
+# --- accumulation and clipping ---
+
+
+class CaptureGrads(Callback):
+    order = 90  # after TrainStepCallback has divided and clipped
+
+    def before_step(self):
+        self.learn._grads = {n: p.grad.clone() for n, p in self.learn.model.named_parameters() if p.grad is not None}
+        raise CancelStepException()
+
+
+def one_step_grads(tokenizer, cache, folder, bs, accum_steps, n_batches):
+    dls = lm_dataloaders(Corpus(folder), tokenizer, seq_len=16, bs=bs, cache=cache, verbose=False, shuffle=False)
+    dls.train.sampler = None  # plain order, to compare equal data
+    dls.train.n = bs * n_batches
+    learn = causal_lm_learner(
+        dls, tiny_llama(len(tokenizer)), precision='fp32', accum_steps=accum_steps, clip=None, cbs=[CaptureGrads()]
+    )
+    learn.fit(1, 0.0)
+    return learn._grads
+
+
+def test_accumulated_gradient_equals_the_large_batch_gradient(cat_corpus_dir, tokenizer, cache):
+    big = one_step_grads(tokenizer, cache, cat_corpus_dir, bs=8, accum_steps=1, n_batches=1)
+    small = one_step_grads(tokenizer, cache, cat_corpus_dir, bs=2, accum_steps=4, n_batches=4)
+    assert big.keys() == small.keys()
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_clipping_bounds_the_gradient_norm(dls, llama):
+    cap = CaptureGrads()
+    learn = causal_lm_learner(dls, llama, precision='fp32', clip=0.01, cbs=[cap])
+    learn.fit(1, 1e-3)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in learn._grads.values()]))
+    assert norm <= 0.01 * 1.001
+
+
+def test_bad_accumulation_and_clip(dls, llama):
+    with pytest.raises(ValueError, match='accum_steps'):
+        causal_lm_learner(dls, llama, accum_steps=0)
+    with pytest.raises(ValueError, match='clip'):
+        causal_lm_learner(dls, llama, clip=-1)
+
+
+def test_gradient_checkpointing_trains(dls, llama):
+    learn = causal_lm_learner(dls, llama, grad_checkpointing=True)
+    assert learn.model.is_gradient_checkpointing
+    learn.fit(1, 1e-3)
+    assert learn.recorder.values
+
+
+def test_no_weight_decay_on_norms_and_biases(dls, tokenizer):
+    learn = causal_lm_learner(dls, tiny_gpt2(len(tokenizer)), wd=0.5, precision='fp32')
+    ln = learn.model.transformer.h[0].ln_1.weight
+    bias = learn.model.transformer.h[0].mlp.c_fc.bias
+    learn.create_opt()
+    assert id(ln) in learn.opt.opt.no_decay and id(bias) in learn.opt.opt.no_decay
+    assert id(learn.model.transformer.h[0].mlp.c_fc.weight) not in learn.opt.opt.no_decay
+
+
+# --- predictions ---
+
+
+def test_get_preds_never_holds_full_vocab_logits(dls, llama):
+    learn = causal_lm_learner(dls, llama)
+    preds, targets, losses = learn.get_preds(with_loss=True)
+    n = len(dls.valid_ds)
+    assert preds.shape == (n, 32) and preds.dtype == torch.int64  # token ids, not (n, 32, vocab) logits
+    assert targets[0].shape == (n, 32) and losses.shape == (n,)
+    assert losses.mean().item() == pytest.approx(learn.validate()[0], rel=0.05)
+
+
+# --- LoRA ---
+
+
+def test_lora_trains_only_adapters_and_saves_both_ways(dls, llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_copy = tiny_llama(llama.config.vocab_size)
+    learn = causal_lm_learner(dls, llama, lora=True, n_groups=2)
+    trainable = [n for n, p in learn.model.named_parameters() if p.requires_grad]
+    assert trainable and all('lora_' in n for n in trainable)
+    assert learn.lr == 2e-4
+    assert list(learn.groups().name) == ['block 0', 'block 1']  # adapters only: no embeddings or head
+    learn.freeze()
+    assert [any(f) for f in trainable_by_group(learn)] == [False, True]
+    learn.unfreeze()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1, 1e-2)
+    x = dls.valid.one_batch()[0]
+    learn.model.eval()
+    with torch.no_grad():
+        expected = learn.model(x).logits
+    adapter = learn.save_pretrained(tmp_path / 'adapter')
+    assert (adapter / 'adapter_config.json').exists() and (adapter / 'adapter_model.safetensors').exists()
+    reloaded = PeftModel.from_pretrained(base_copy, adapter).eval()
+    merged = learn.save_pretrained(tmp_path / 'merged', merged=True)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
+        assert torch.allclose(plain(x).logits, expected, atol=1e-4)
+    assert 'lora' not in ' '.join(n for n, _ in plain.named_parameters())
+    assert any('lora_' in n for n, _ in learn.model.named_parameters())  # the learner keeps its adapters
+
+
+def test_lora_bad_target_modules_lists_linear_layers(dls, llama):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match=r"\['qkv'\] are not linear layers.*'down_proj'.*'q_proj'"):
+        causal_lm_learner(dls, llama, lora=LoraConfig(target_modules=['qkv', 'q_proj']))
