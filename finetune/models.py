@@ -1,4 +1,4 @@
-"""Loading causal LMs and their tokenizers: a hub id, a local folder, a GGUF file, or an object.
+"""Loading causal LMs and their tokenizers: an embedded name, a hub id, a local folder, a GGUF file, or an object.
 
 A hub id goes through the Hugging Face cache, so it works offline once cached. A `.gguf` file is
 dequantized by transformers (with the `gguf` package), then copied into a fresh model built from
@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from .zoo import is_zoo_name, zoo_model_dir
 
 __all__ = ['load_model', 'load_tokenizer', 'ensure_pad_token', 'model_context_length']
 
@@ -30,10 +32,13 @@ def _check_local(source) -> None:
 
 
 def _offline_hint(source, err: Exception) -> OSError:
+    from .zoo import ZOO
+
     return OSError(
         f'could not load {source!r}: {err}\n'
-        'It is neither a local folder nor a hub id in the Hugging Face cache. Offline (HF_HUB_OFFLINE=1), '
-        'a hub id loads only once it has been downloaded; pass a local folder or a .gguf file instead.'
+        f'It is not an embedded model ({", ".join(sorted(ZOO))}), a local folder, or a hub id in the Hugging Face '
+        'cache. Hub ids and paths work too; offline (HF_HUB_OFFLINE=1) a hub id loads only once it has been '
+        'downloaded; a local folder or a .gguf file always loads.'
     )
 
 
@@ -43,6 +48,8 @@ def load_tokenizer(source, *, trust_remote_code: bool = False, **kwargs):
 
     if not isinstance(source, (str, os.PathLike)):
         return ensure_pad_token(source)
+    if is_zoo_name(source):
+        source = zoo_model_dir(source)
     _check_local(source)
     try:
         if _is_gguf(source):
@@ -69,7 +76,7 @@ def ensure_pad_token(tokenizer):
 
 
 def load_model(
-    source,  # a hub id, a local folder, a .gguf file, or an `AutoModelForCausalLM` object
+    source,  # 'smollm2-135m' (embedded), a hub id, a local folder, a .gguf file, or an `AutoModelForCausalLM`
     *,
     dtype: torch.dtype = torch.float32,  # weights stay fp32 for training; mixed precision autocasts
     trust_remote_code: bool = False,  # run code shipped with a hub model only when asked
@@ -80,6 +87,8 @@ def load_model(
 
     if isinstance(source, torch.nn.Module):
         return source
+    if is_zoo_name(source):
+        source = zoo_model_dir(source)
     _check_local(source)
     if _is_gguf(source):
         return _load_gguf(Path(source).expanduser(), dtype)
