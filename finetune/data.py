@@ -131,8 +131,15 @@ class PackedCorpora:
     def items(self, _source=None) -> list[int]:
         return list(range(len(self)))
 
+    max_valid_blocks: int | None = None  # evaluate at most this many validation blocks per corpus
+
     def splitter(self, items) -> tuple[list[int], list[int]]:
-        return list(range(self.n_train)), list(range(self.n_train, len(self)))
+        valid, start = [], self.n_train
+        for split in self.splits:
+            n = len(split.valid)
+            valid += range(start, start + (n if self.max_valid_blocks is None else min(n, self.max_valid_blocks)))
+            start += n
+        return list(range(self.n_train)), valid
 
     def inputs(self, item: int) -> np.ndarray:
         return self.block(item)[:-1]
@@ -305,6 +312,7 @@ def lm_dataloaders(
     num_workers: int = 0,  # blocks are memory-mapped slices: worker processes rarely pay off
     device=None,  # where batches go; default: fastai's default device
     verbose: bool = True,  # print the per-corpus table
+    max_valid_blocks: int | None = None,  # evaluate at most this many validation blocks per corpus (faster)
     **kwargs,  # passed to `DataBlock.dataloaders`
 ) -> DataLoaders:
     """fastai `DataLoaders` of `(input_ids, labels, corpus)` blocks; `dls.packed` holds the corpora and report."""
@@ -315,6 +323,9 @@ def lm_dataloaders(
     )
     if bs < 1:
         raise ValueError(f'bs must be at least 1, got {bs}')
+    if max_valid_blocks is not None and max_valid_blocks < 1:
+        raise ValueError(f'max_valid_blocks must be at least 1 (or None for all), got {max_valid_blocks}')
+    packed.max_valid_blocks = max_valid_blocks
     dls = packed.datablock().dataloaders(None, bs=bs, num_workers=num_workers, device=device, drop_last=False, **kwargs)
     dls = LMDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     mix = packed.mix

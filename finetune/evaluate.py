@@ -8,11 +8,13 @@ per batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from fastai.learner import Metric
 
-__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'IGNORE_INDEX']
+__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'IGNORE_INDEX']
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 
@@ -95,3 +97,55 @@ class CorpusPerplexity(_TokenPerplexity):
     @property
     def name(self) -> str:
         return f'ppl_{self._name}'
+
+
+@torch.no_grad()
+def corpus_perplexity(
+    model,  # a causal LM
+    tokenizer,  # its tokenizer
+    corpora,  # a Corpus or a list of them
+    seq_len: int = 512,  # tokens per evaluated block
+    bs: int = 8,  # blocks per forward pass
+    precision: str = 'auto',  # autocast dtype, as for training
+    max_blocks: int | None = None,  # evaluate at most this many blocks per corpus
+    cache=None,  # token cache folder
+):
+    """Token-weighted perplexity of `model` on each corpus, over all of its tokens; a DataFrame."""
+    import pandas as pd
+    from fastprogress.fastprogress import progress_bar
+
+    from .callbacks import resolve_precision
+    from .corpora import Corpus
+    from .tokens import PackedBlocks, build_token_store
+
+    corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
+    device = next(model.parameters()).device
+    dtype = resolve_precision(precision, device)
+    loss_func, rows = CausalLMLoss(), []
+    was_training = model.training
+    model.eval()
+    try:
+        for corpus in corpora:
+            store = build_token_store(corpus, tokenizer, cache)
+            blocks = PackedBlocks(store.ids, [(0, store.n_tokens)], seq_len)
+            if not len(blocks):
+                raise ValueError(
+                    f'corpus {corpus.name!r} has {store.n_tokens:,} tokens, fewer than one block of '
+                    f'seq_len={seq_len} + 1: lower seq_len or add documents'
+                )
+            n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
+            total, count = 0.0, 0
+            for start in progress_bar(range(0, n, bs), leave=False):
+                batch = torch.stack(
+                    [torch.from_numpy(blocks[i].astype('int64')) for i in range(start, min(n, start + bs))]
+                )
+                batch = batch.to(device)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model(input_ids=batch[:, :-1]).logits
+                loss_func(logits, batch[:, 1:])
+                total += loss_func.row_loss.sum().item()
+                count += int(loss_func.row_tokens.sum())
+            rows.append({'corpus': corpus.name, 'tokens': count, 'perplexity': math.exp(total / count)})
+    finally:
+        model.train(was_training)
+    return pd.DataFrame(rows)

