@@ -13,7 +13,7 @@ with warnings.catch_warnings():
 
 from .corpora import Corpus
 from .data import LMBlock, LMDataLoader, LMDataLoaders, PackedCorpora, lm_dataloaders, pack_corpora
-from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
+from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity, corpus_perplexity
 from .generate import generate
 from .learner import CausalLMLearner, causal_lm_learner
 from .mix import CorpusMix, MixSampler
@@ -44,6 +44,7 @@ __all__ = [
     'CausalLMLoss',
     'Perplexity',
     'CorpusPerplexity',
+    'corpus_perplexity',
     'CausalLMLearner',
     'causal_lm_learner',
     'generate',

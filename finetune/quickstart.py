@@ -26,6 +26,7 @@ from .tokens import cache_dir
 __all__ = ['python_reference_corpus', 'stdlib_docstrings_corpus', 'run_quickstart', 'PROMPT']
 
 PROMPT = 'The with statement is used to'
+DOC_SEP = '\x1e'  # ASCII record separator between docstrings: it never occurs inside one
 
 
 def python_reference_corpus(folder: Path) -> Corpus:
@@ -47,10 +48,9 @@ def stdlib_docstrings_corpus(folder: Path, max_modules: int = 400) -> Corpus:
     sources = sorted(
         p for p in stdlib.rglob('*.py') if not {'test', 'tests', 'idlelib', 'site-packages'} & set(p.parts)
     )
+    seen: set[str] = set()  # the same docstring in several modules would leak into validation
     for path in sources[:max_modules]:
         out = folder / (str(path.relative_to(stdlib)).replace(os.sep, '.') + '.txt')
-        if out.exists():
-            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
@@ -58,9 +58,14 @@ def stdlib_docstrings_corpus(folder: Path, max_modules: int = 400) -> Corpus:
         except (SyntaxError, ValueError):
             continue
         nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)))
-        docs = [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) > 80]
-        out.write_text('\n\n'.join(docs))
-    return Corpus(folder, name='stdlib_docstrings', doc_sep='\n\n')
+        docs = []
+        for doc in (ast.get_docstring(n) for n in nodes):
+            if doc and len(doc) > 80 and doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+        if docs and not out.exists():
+            out.write_text(DOC_SEP.join(docs))
+    return Corpus(folder, name='stdlib_docstrings', doc_sep=DOC_SEP)
 
 
 def run_quickstart(
@@ -93,7 +98,7 @@ def run_quickstart(
     print('1. the corpora and the mix')
     tok = load_tokenizer('smollm2-135m')
     dls = lm_dataloaders(
-        mix, tok, seq_len=seq_len, bs=bs, valid_pct=0.02, seed=seed, cache=cache, max_valid_blocks=max_valid_blocks
+        mix, tok, seq_len=seq_len, bs=bs, valid_pct=0.05, seed=seed, cache=cache, max_valid_blocks=max_valid_blocks
     )
     print('\n2. the model: SmolLM2-135M-Instruct, embedded')
     learn = causal_lm_learner(dls, load_model('smollm2-135m'), precision=precision)

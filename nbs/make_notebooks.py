@@ -52,7 +52,7 @@ QUICKSTART = [
     md('## 2–3. Token store, blocks, DataLoaders\nTokenized once (cached), 2% of each corpus held out, packed into 256-token blocks.'),
     code(
         'from finetune import lm_dataloaders\n'
-        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=16, verbose=False)\n'
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=16, verbose=False)\n'
         'dls.show_batch(max_n=3)'
     ),
     md('## 4. Training with a fastai `Learner`\nPerplexity per corpus before training:'),
@@ -148,7 +148,7 @@ TRAINING = [
         'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
         "tok = load_tokenizer('smollm2-135m')\n"
         "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
-        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=8, verbose=False)\n'
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=8, verbose=False)\n'
         "learn = causal_lm_learner(dls, 'smollm2-135m', n_groups=4)\n"
         'learn.precision'
     ),
@@ -185,7 +185,7 @@ LORA = [
         'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
         "tok = load_tokenizer('smollm2-135m')\n"
         "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
-        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.02, max_valid_blocks=8, verbose=False)\n'
+        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=8, verbose=False)\n'
         "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True)   # rank 16 on every linear layer\n"
         'trainable = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)\n'
         "f'{trainable:,} trainable of {learn.model.num_parameters():,}'"

@@ -48,7 +48,9 @@ def test_hub_id_from_the_cache_offline(tmp_path, llama, tokenizer, monkeypatch):
 
 def test_hub_id_not_cached_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(OSError, match=r"(?s)could not load 'nobody/not-a-model'.*not an embedded model.*a local folder, or a hub id"):
+    with pytest.raises(
+        OSError, match=r"(?s)could not load 'nobody/not-a-model'.*not an embedded model.*a local folder, or a hub id"
+    ):
         load_model('nobody/not-a-model', cache_dir=tmp_path / 'empty')
 
 
