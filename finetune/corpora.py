@@ -203,10 +203,7 @@ class Corpus:
         yield from self._finish_doc(pending, started)
 
     def _finish_doc(self, text: str, started: bool) -> Iterator[tuple[str, bool]]:
-        if started:  # the document's earlier pieces were already handed over
-            self.stats.documents += 1
-            yield text, True
-        elif text.strip():
+        if started or text.strip():  # started: the document's earlier pieces were already handed over
             self.stats.documents += 1
             yield text, True
         else:

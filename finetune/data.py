@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -46,9 +46,12 @@ class CorpusSplit:
     store: TokenStore
     train: PackedBlocks
     valid: PackedBlocks
-    valid_docs: int  # documents held out; 0 when the stream's tail was held out instead
+    valid_doc_ids: np.ndarray  # the held-out documents; none when the stream's tail was held out instead
     note: str = ''  # how validation was chosen when the plain split could not be used
-    valid_doc_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the held-out documents
+
+    @property
+    def valid_docs(self) -> int:
+        return len(self.valid_doc_ids)
 
     @property
     def dropped(self) -> int:
@@ -81,12 +84,11 @@ def _split_corpus(
         valid = [s for s, v in zip(spans, is_valid) if v]
         if k > want:
             note = f'held out {k} documents, not {want}, to fill one validation block of {block} tokens'
-        valid_docs = k
     else:
         valid_ids = np.zeros(0, dtype=np.int64)
         # at least one block on each side (n_tokens >= 2 blocks was checked above)
         cut = n_tokens - min(max(block, math.ceil(n_tokens * valid_pct)), n_tokens - block)
-        train, valid, valid_docs = [(0, cut)], [(cut, n_tokens)], 0
+        train, valid = [(0, cut)], [(cut, n_tokens)]
         note = (
             f'{n_docs} document(s) are too few to hold any out: the last {n_tokens - cut:,} tokens of the stream '
             'are the validation set'
@@ -96,9 +98,8 @@ def _split_corpus(
         store,
         PackedBlocks(store.ids, train, seq_len),
         PackedBlocks(store.ids, valid, seq_len),
-        valid_docs,
-        note,
         valid_ids,
+        note,
     )
 
 

@@ -176,7 +176,8 @@ class CausalLMLearner(Learner):
     ):
         """fastai's `fine_tune` (frozen phase, then discriminative LRs), with defaults sized for LLMs."""
         base_lr = self.lr if base_lr is None else base_lr
-        n = len(self._groups())
+        groups = self._groups()  # finding them runs a tiny forward pass: once
+        n = len(groups)
         if n < 2 or freeze_epochs == 0:
             if n < 2 and freeze_epochs:
                 warnings.warn('a single parameter group: skipping the frozen phase', stacklevel=2)
@@ -188,7 +189,7 @@ class CausalLMLearner(Learner):
             base_lr /= 2
         else:
             self.freeze()
-            print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({self._groups()[-1].name}) trains')
+            print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({groups[-1].name}) trains')
             self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
             base_lr /= 2
         self.unfreeze()

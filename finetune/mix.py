@@ -67,11 +67,6 @@ class CorpusMix:
             )
         if not rest and abs(total_share - 1) > 1e-9:
             raise ValueError(f'every corpus has a share, so the shares must sum to 1; they sum to {total_share:g}')
-        if self.weights and rest and total_share < 1 - 1e-9 and sum(self.weights[n] for n in rest) == 0:
-            raise ValueError(
-                f'all weights are zero ({self.weights}) and the shares leave {1 - total_share:g} of the epoch '
-                'to these corpora: give at least one a positive weight'
-            )
         if epoch_tokens is not None and (not isinstance(epoch_tokens, int) or epoch_tokens < 1):
             raise ValueError(f'epoch_tokens must be a positive whole number of tokens, got {epoch_tokens!r}')
         self.epoch_tokens, self.seed, self.stratified, self.force = epoch_tokens, seed, stratified, force

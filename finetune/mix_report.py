@@ -181,25 +181,24 @@ def diagnose(packed, checks: MixChecks) -> list[str]:
 
 def _duplicates(packed) -> list[str]:
     """Validation documents whose exact content also appears in training, in the same or another corpus."""
-    hashes = [s.store.doc_hashes for s in packed.splits]
-    train_owner: dict[int, set[str]] = {}
-    for s, h in zip(packed.splits, hashes):
-        is_train = np.ones(len(h), dtype=bool)
-        if s.valid_docs:
-            is_train[s.valid_doc_ids] = False
-        elif len(h):  # tail split: no document is wholly held out
-            continue
-        for v in np.unique(h[is_train]).tolist():
-            train_owner.setdefault(v, set()).add(s.name)
+    train_hashes = []  # per corpus, the content hashes of its training documents
+    for s in packed.splits:
+        h = s.store.doc_hashes
+        if not s.valid_docs and len(h):  # tail split: no document is wholly held out, none counts as training
+            train_hashes.append(h[:0])
+        else:
+            train_hashes.append(np.delete(h, s.valid_doc_ids))
     out = []
-    for s, h in zip(packed.splits, hashes):
+    for s in packed.splits:
         if not s.valid_docs:
             continue
-        found = [train_owner[v] for v in h[s.valid_doc_ids].tolist() if v in train_owner]
+        valid = s.store.doc_hashes[s.valid_doc_ids]
+        hits = [np.isin(valid, t) for t in train_hashes]
+        found = int(np.logical_or.reduce(hits).sum())
         if found:
-            where = sorted(set().union(*found))
+            where = [other.name for other, hit in zip(packed.splits, hits) if hit.any()]
             out.append(
-                f'corpus {s.name!r}: {len(found)} of {s.valid_docs} validation documents also appear in training '
+                f'corpus {s.name!r}: {found} of {s.valid_docs} validation documents also appear in training '
                 f'(in {where}): its perplexity is optimistic; remove the duplicates from the corpora'
             )
     return out

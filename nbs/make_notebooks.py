@@ -32,6 +32,13 @@ CORPORA = code(
     "general = stdlib_docstrings_corpus(data / 'stdlib_docstrings')   # general: stdlib docstrings\n"
     'reference, general'
 )
+# the data of notebooks 02 and 03: half the quickstart's steps, fewer validation blocks
+DATA = (
+    'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
+    "tok = load_tokenizer('smollm2-135m')\n"
+    "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
+    'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=8, verbose=False)\n'
+)
 
 QUICKSTART = [
     md(
@@ -145,10 +152,7 @@ TRAINING = [
     SETUP,
     CORPORA,
     code(
-        'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
-        "tok = load_tokenizer('smollm2-135m')\n"
-        "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
-        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=8, verbose=False)\n'
+        DATA +
         "learn = causal_lm_learner(dls, 'smollm2-135m', n_groups=4)\n"
         'learn.precision'
     ),
@@ -182,10 +186,7 @@ LORA = [
     SETUP,
     CORPORA,
     code(
-        'from finetune import causal_lm_learner, lm_dataloaders, load_tokenizer\n'
-        "tok = load_tokenizer('smollm2-135m')\n"
-        "mix = CorpusMix([general, reference], share={'python_reference': 0.5}, epoch_tokens=STEPS * 4 * 256 // 2)\n"
-        'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=8, verbose=False)\n'
+        DATA +
         "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True)   # rank 16 on every linear layer\n"
         'trainable = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)\n'
         "f'{trainable:,} trainable of {learn.model.num_parameters():,}'"
