@@ -9,6 +9,7 @@ Peak RSS comes from running each side alone in a child process (`--rss-only SIDE
 
     python bench/train_throughput.py                  # bf16 autocast on CPU
     python bench/train_throughput.py --precision fp32
+    python bench/train_throughput.py --variants       # plus each fast path switched off / on
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def data(steps: int, folder: Path):
     return dls, tok, batches.view(steps, BS, SEQ_LEN)  # the same tokens for the other sides
 
 
-def finetune_side(model, dls, precision):
+def finetune_side(model, dls, precision, **options):
     """`learn.fit_one_cycle(1)` through finetune's own DataLoaders (one epoch = `steps` steps)."""
     from fastai.callback.core import Callback
 
@@ -66,7 +67,7 @@ def finetune_side(model, dls, precision):
                 self.learn._times.append(now - self._last)
             self._last = now
 
-    learn = causal_lm_learner(dls, model, precision=precision, cbs=[Times()])
+    learn = causal_lm_learner(dls, model, precision=precision, cbs=[Times()], **options)
 
     def run(steps):
         with learn.no_bar(), learn.no_logging():
@@ -128,19 +129,29 @@ def trainer_side(model, batches, precision):
     return run
 
 
-def make_sides(precision, steps, rounds, only=None):
+SIDES = {  # name: (how it is built, in the default table)
+    'finetune Learner': (lambda m, dls, b, p: finetune_side(m, dls, p), True),
+    'plain PyTorch loop': (lambda m, dls, b, p: plain_side(m, b, p), True),
+    'HF Trainer': (lambda m, dls, b, p: trainer_side(m, b, p), True),
+    'finetune, fused_head=False': (lambda m, dls, b, p: finetune_side(m, dls, p, fused_head=False), False),
+    'finetune, foreach AdamW': (lambda m, dls, b, p: finetune_side(m, dls, p, opt_func=foreach_adamw), False),
+    'finetune, compile=True': (lambda m, dls, b, p: finetune_side(m, dls, p, compile=True), False),
+}
+
+
+def foreach_adamw(params, **kwargs):
+    from finetune.learner import adamw
+
+    return adamw(params, fused=False, **kwargs)
+
+
+def make_sides(precision, steps, names):
     from finetune import load_model
 
     dls, tok, batches = data(steps, Path(tempfile.mkdtemp()) / 'reference')
     base = load_model('smollm2-135m')
-    sides = {
-        'finetune Learner': lambda: finetune_side(copy.deepcopy(base), dls, precision),
-        'plain PyTorch loop': lambda: plain_side(copy.deepcopy(base), batches, precision),
-        'HF Trainer': lambda: trainer_side(copy.deepcopy(base), batches, precision),
-    }
-    if only:
-        sides = {only: sides[only]}
-    return {k: v() for k, v in sides.items()}, sum(p.numel() for p in base.parameters())
+    sides = {name: SIDES[name][0](copy.deepcopy(base), dls, batches, precision) for name in names}
+    return sides, sum(p.numel() for p in base.parameters())
 
 
 def peak_rss_gib() -> float:
@@ -168,19 +179,25 @@ def main():
         '--steps', type=int, default=4, help='steps per side per round (the first step of each is not timed)'
     )
     p.add_argument('--rounds', type=int, default=3, help='rounds after the warm-up round')
+    p.add_argument(
+        '--variants',
+        action='store_true',
+        help="also finetune's fast paths one by one: unfused head, foreach AdamW, compiled blocks",
+    )
     p.add_argument('--rss-only', help=argparse.SUPPRESS)
     p.add_argument('--no-rss', action='store_true', help='skip the peak-RSS child processes')
     a = p.parse_args()
     warnings.filterwarnings('ignore')
     torch.manual_seed(0)
     if a.rss_only:
-        sides, _ = make_sides(a.precision, a.steps, 1, a.rss_only)
+        sides, _ = make_sides(a.precision, a.steps, [a.rss_only])
         run = next(iter(sides.values()))
         run(a.steps)
         run(a.steps)
         print(json.dumps({'rss_gib': peak_rss_gib()}))
         return
-    sides, n_params = make_sides(a.precision, a.steps, a.rounds)
+    names = [k for k, (_, default) in SIDES.items() if default or a.variants]
+    sides, n_params = make_sides(a.precision, a.steps, names)
     times = {k: [] for k in sides}
     for r in range(a.rounds + 1):  # round 0 warms up
         for name, run in sides.items():

@@ -8,10 +8,26 @@ is off while fitting (it only costs memory during training).
 
 from __future__ import annotations
 
+import time
+import warnings
+
 import torch
 from fastai.callback.core import Callback, CancelBatchException, CancelStepException
+from fastai.callback.progress import ProgressCallback
 
-__all__ = ['HFCausalLMCallback', 'MixCallback', 'TrainStepCallback', 'resolve_precision', 'cpu_has_native_bf16']
+from .evaluate import CausalLMLoss
+from .head_loss import HeadInput, head_bypass
+from .splitter import find_blocks
+
+__all__ = [
+    'HFCausalLMCallback',
+    'MixCallback',
+    'TrainStepCallback',
+    'CompileBlocksCallback',
+    'SyncFreeProgressCallback',
+    'resolve_precision',
+    'cpu_has_native_bf16',
+]
 
 
 def _plain(t):
@@ -19,17 +35,29 @@ def _plain(t):
 
 
 class HFCausalLMCallback(Callback):
-    """Plain-tensor inputs and targets in, `logits` out, no KV cache while fitting."""
+    """Plain-tensor inputs and targets in, `logits` out, no KV cache while fitting.
+
+    With `fused_head=True` (the default of `causal_lm_learner` wherever the model allows it) the
+    forward pass skips the LM head and `learn.pred` is a `HeadInput` (final hidden states + head):
+    `CausalLMLoss` then computes head and loss together in chunks, never holding full logits.
+    """
 
     order = -10  # before anything that reads the batch
+
+    def __init__(self, fused_head: bool = False):
+        self.fused_head = fused_head
+        self._bypass, self._bypassed = None, False
 
     def before_fit(self):
         config = getattr(self.learn.model, 'config', None)
         self._use_cache = getattr(config, 'use_cache', None)
         if config is not None and self._use_cache is not None:
             config.use_cache = False
+        fused = self.fused_head and isinstance(self.learn.loss_func, CausalLMLoss)
+        self._bypass = head_bypass(self.learn.model) if fused else None  # found once per fit
 
     def after_fit(self):
+        self._restore_head()
         config = getattr(self.learn.model, 'config', None)
         if config is not None and self._use_cache is not None:
             config.use_cache = self._use_cache
@@ -37,10 +65,27 @@ class HFCausalLMCallback(Callback):
     def before_batch(self):
         self.learn.xb = tuple(_plain(x) for x in self.xb)
         self.learn.yb = tuple(_plain(y) for y in self.yb)
+        if self._bypass is not None and len(self.yb):
+            self._bypass.__enter__()
+            self._bypassed = True
 
     def after_pred(self):
         pred = self.pred
-        self.learn.pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
+        pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
+        if self._bypassed:
+            self._restore_head()
+            device = pred.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            pred = HeadInput(pred, self._bypass.head, dtype)
+        self.learn.pred = pred
+
+    def after_batch(self):
+        self._restore_head()
+
+    def _restore_head(self):
+        if self._bypassed:
+            self._bypass.__exit__(None, None, None)
+            self._bypassed = False
 
 
 class MixCallback(Callback):
@@ -204,3 +249,56 @@ class TrainStepCallback(Callback):
 
     def step(self, *args, **kwargs):
         self._stepped = True
+
+
+class CompileBlocksCallback(Callback):
+    """`torch.compile` on each decoder block while fitting (regional compilation).
+
+    The blocks share one piece of code, so one block is compiled and serves them all: tens of
+    seconds instead of minutes for a whole model. Frozen and unfrozen blocks, training and
+    validation get their own compiled variants, chosen by torch's guards (which check each
+    parameter's `requires_grad`), so freezing and unfreezing recompile once and stay correct.
+    Outside a fit (generation, `corpus_perplexity`) the blocks run eagerly, as before.
+    """
+
+    order = -20
+
+    def __init__(self, **compile_kwargs):
+        self.compile_kwargs = compile_kwargs
+        self.blocks = []
+
+    def before_fit(self):
+        found = find_blocks(self.learn.model)
+        if found is None:
+            warnings.warn('compile: no decoder blocks found; training runs eagerly', stacklevel=2)
+            return
+        self.blocks = list(found[1])
+        for block in self.blocks:
+            block.compile(**self.compile_kwargs)
+
+    def after_fit(self):
+        for block in self.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set: eager again
+        self.blocks = []
+
+
+class SyncFreeProgressCallback(ProgressCallback):
+    """fastai's progress bars, reading the smoothed loss for the bar's comment at most every `interval` s.
+
+    fastai's own callback reads it (`.item()`) after every batch: on a GPU that is a host sync per
+    batch, which stalls the queue of kernels; here it is one every half second at most.
+    """
+
+    name = 'progress'  # takes the place of fastai's: `learn.progress`, `learn.no_bar()`
+    interval = 0.5
+
+    def before_fit(self):
+        super().before_fit()
+        self._shown = time.monotonic()
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        now = time.monotonic()
+        if hasattr(self, 'smooth_loss') and now - self._shown >= self.interval:
+            self._shown = now
+            self.pbar.comment = f'{self.smooth_loss.item():.4f}'

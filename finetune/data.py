@@ -21,6 +21,7 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Categorize
+from fastai.torch_core import default_device
 from fasttransform import Transform
 
 from .display import show_table
@@ -327,6 +328,8 @@ def lm_dataloaders(
     if max_valid_blocks is not None and max_valid_blocks < 1:
         raise ValueError(f'max_valid_blocks must be at least 1 (or None for all), got {max_valid_blocks}')
     packed.max_valid_blocks = max_valid_blocks
+    target = torch.device(device) if device is not None else default_device()
+    kwargs.setdefault('pin_memory', target.type == 'cuda')  # page-locked batches copy to a GPU faster
     dls = packed.datablock().dataloaders(None, bs=bs, num_workers=num_workers, device=device, drop_last=False, **kwargs)
     dls = LMDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     mix = packed.mix

@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Metric
 
-__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'IGNORE_INDEX']
+from .head_loss import IGNORE_INDEX, HeadInput, linear_cross_entropy
 
-IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
+__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'IGNORE_INDEX']
 
 
 class CausalLMLoss:
     """Mean next-token cross-entropy over the labels that are not `IGNORE_INDEX`.
 
     Labels are already shifted (the data pipeline cuts `seq_len + 1` windows), so `labels[:, t]`
-    is the target for `logits[:, t]`. Each call also keeps the detached per-row loss sums and
+    is the target for `logits[:, t]`. Given a `HeadInput` (final hidden states and the LM head, from
+    a fit with the fused head) it computes the same loss with `linear_cross_entropy`, without
+    materialising the logits. Each call also keeps the detached per-row loss sums and
     token counts (`row_loss`, `row_tokens`), which the per-corpus metrics read instead of
     recomputing anything.
     """
@@ -32,14 +34,22 @@ class CausalLMLoss:
     row_tokens: torch.Tensor | None = None
     reduction: str = 'mean'  # 'none' gives each row's mean token loss (fastai sets it in get_preds)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, *_) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor | HeadInput, labels: torch.Tensor, *_) -> torch.Tensor:
         labels = labels.long()
+        real = labels != IGNORE_INDEX
+        self.row_tokens = real.sum(-1)
+        if isinstance(logits, HeadInput) and (self.reduction == 'mean' or not torch.is_grad_enabled()):
+            total, token_loss = linear_cross_entropy(logits.hidden, logits.head, labels, logits.dtype)
+            self.row_loss = token_loss.sum(-1)
+            if self.reduction == 'none':
+                return self.row_loss / self.row_tokens.clamp(min=1)
+            return total / real.sum().clamp(min=1)
+        if isinstance(logits, HeadInput):  # per-row losses to differentiate: materialise the logits
+            logits = logits.logits()
         token_loss = F.cross_entropy(
             logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction='none'
         ).view(labels.shape)
-        real = labels != IGNORE_INDEX
         self.row_loss = token_loss.detach().sum(-1)
-        self.row_tokens = real.sum(-1)
         if self.reduction == 'none':
             return token_loss.sum(-1) / self.row_tokens.clamp(min=1)
         return token_loss.sum() / real.sum().clamp(min=1)

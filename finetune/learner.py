@@ -7,7 +7,7 @@ for lives here in one place: `groups()`, `generate`, `save_pretrained`, and the 
 freezing, `lr_find` and `get_preds` right for LLMs.
 
 Defaults, and why (fine-tuning a pretrained LM, not training a CNN head):
-- torch's AdamW (foreach kernels), no weight decay on norms and biases, `wd=0` as in the HF Trainer;
+- torch's fused AdamW, no weight decay on norms and biases, `wd=0` as in the HF Trainer;
 - peak LR 1e-4 for full fine-tuning and 2e-4 with LoRA (fastai's 2e-3 is for new heads);
 - `fine_tune`: one frozen epoch (only the last group, norm + LM head, trains), then all groups with
   discriminative LRs spread over `lr_mult=10`: about 0.92x per layer on a 30-layer model, the range
@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import fastai.callback.progress  # noqa: F401  (registers the progress bars for every Learner)
@@ -31,13 +32,22 @@ import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_fin
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
 
-from .callbacks import HFCausalLMCallback, MixCallback, TrainStepCallback, resolve_precision
+from .callbacks import (
+    CompileBlocksCallback,
+    HFCausalLMCallback,
+    MixCallback,
+    SyncFreeProgressCallback,
+    TrainStepCallback,
+    resolve_precision,
+)
 from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
 from .generate import generate
+from .head_loss import supports_head_bypass
 from .lora import add_lora, is_peft_model, save_lora
 from .models import ensure_pad_token, load_model, load_tokenizer, model_context_length
 from .splitter import decoder_groups, decoder_splitter, norm_bias_params
@@ -49,9 +59,21 @@ LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a large
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, except that parameters in `no_decay` (norms, biases) get no weight decay."""
+    """torch's AdamW, fused where it can be, except that parameters in `no_decay` (norms, biases) get no decay.
+
+    torch's fused kernel updates each parameter in one pass (5x faster than its foreach default for
+    SmolLM2 on this CPU: 155 vs 788 ms a step); it is used when every parameter is a floating-point
+    tensor on the CPU or a CUDA device, as the HF Trainer's default `adamw_torch_fused` does.
+    """
 
     no_decay: set[int] = set()
+
+    def __init__(self, params, *args, fused: bool | None = None, **kwargs):
+        params = list(params)
+        if fused is None:
+            tensors = [t for g in params for t in (g['params'] if isinstance(g, dict) else [g])]
+            fused = bool(tensors) and all(t.is_floating_point() and t.device.type in ('cpu', 'cuda') for t in tensors)
+        super().__init__(params, *args, fused=fused, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,6 +163,18 @@ class CausalLMLearner(Learner):
         if len(self.opt.param_lists) < 2:
             raise ValueError('the model has a single parameter group: there is nothing to freeze separately')
         self.freeze_to(-1)
+
+    @contextmanager
+    def no_bar(self):
+        """No progress bars inside; the same progress callback as before afterwards (fastai's adds its own back)."""
+        progress = getattr(self, 'progress', None)
+        if progress is not None:
+            self.remove_cb(progress)
+        try:
+            yield self
+        finally:
+            if progress is not None:
+                self.add_cb(progress)
 
     # --- learning rates ---
     def _check_lr(self, lr) -> None:
@@ -266,6 +300,8 @@ def causal_lm_learner(
     accum_steps: int = 1,  # micro-batches per optimizer step (the gradient equals one large batch's)
     clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
     grad_checkpointing: bool = False,  # recompute activations in backward: less memory, about 30% slower
+    fused_head: bool | None = None,  # LM head + loss in chunks, no full logits; default: wherever the model allows
+    compile: bool | dict = False,  # torch.compile each decoder block while fitting (a dict: torch.compile options)
     lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
     lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
     wd: float = 0.0,  # decoupled weight decay (never on norms and biases)
@@ -299,6 +335,7 @@ def causal_lm_learner(
         model = add_lora(model, lora)
         only = {id(p) for p in model.parameters() if p.requires_grad}
     decoder_groups(model, n_groups, only)  # check n_groups now, not at the first fit
+    fused_head = _resolve_fused_head(model, fused_head, loss_func)
     learn = CausalLMLearner(
         dls,
         model,
@@ -309,15 +346,20 @@ def causal_lm_learner(
         splitter=decoder_splitter(n_groups, only),
         metrics=metrics if metrics is not None else default_metrics(dls),
         cbs=[
-            HFCausalLMCallback(),
+            HFCausalLMCallback(fused_head),
             *([MixCallback()] if hasattr(dls, 'packed') else []),
             TrainStepCallback(dtype, accum_steps=accum_steps, clip=clip),
+            *([CompileBlocksCallback(**(compile if isinstance(compile, dict) else {}))] if compile else []),
             *(cbs or []),
         ],
         train_bn=train_bn,
         **kwargs,
     )
     learn.tokenizer, learn.n_groups, learn.only, learn.precision = tokenizer, n_groups, only, dtype
+    learn.fused_head = fused_head
+    if isinstance(getattr(learn, 'progress', None), ProgressCallback):
+        learn.remove_cb(learn.progress)
+        learn.add_cb(SyncFreeProgressCallback())
     return learn
 
 
@@ -325,6 +367,22 @@ def default_metrics(dls) -> list:
     """Overall perplexity, and each corpus's when the data has several."""
     names = getattr(getattr(dls, 'packed', None), 'names', [])
     return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]
+
+
+def _resolve_fused_head(model, fused_head: bool | None, loss_func) -> bool:
+    custom = loss_func is not None and not isinstance(loss_func, CausalLMLoss)
+    if fused_head is False or (fused_head is None and custom):
+        return False  # a loss function of the user's own gets logits
+    if custom:
+        raise ValueError(f'fused_head=True needs CausalLMLoss, not {type(loss_func).__name__}: use fused_head=False')
+    supported = supports_head_bypass(model)
+    if fused_head and not supported:
+        raise ValueError(
+            f'fused_head=True, but the logits of {type(model).__name__} are not just its output layer applied to '
+            'the final hidden states (soft-capping or scaling after the head, or an output layer that is not a '
+            'plain nn.Linear): use fused_head=False'
+        )
+    return supported
 
 
 def _check_seq_len(model, seq_len: int | None) -> None:

@@ -155,3 +155,13 @@ def test_tail_fallback_keeps_a_training_block_at_high_valid_pct(tmp_path, tokeni
     with pytest.warns(UserWarning, match='too few to hold any out'):
         packed = pack_corpora(Corpus(tmp_path / 'one.txt'), tokenizer, seq_len=8, valid_pct=0.95, cache=cache)
     assert len(packed.splits[0].train) >= 1 and len(packed.splits[0].valid) >= 1
+
+
+def test_batches_are_not_page_locked_on_cpu(cat_corpus_dir, tokenizer, cache):
+    # on a CUDA device they are (pin_memory=True, as the HF Trainer does); no GPU here to build that case
+    dls = lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=16, bs=4, cache=cache, verbose=False, device='cpu')
+    assert dls.train.pin_memory is False and dls.valid.pin_memory is False
+    dls = lm_dataloaders(
+        Corpus(cat_corpus_dir), tokenizer, seq_len=16, bs=4, cache=cache, verbose=False, device='cpu', pin_memory=True
+    )
+    assert dls.train.pin_memory is True  # an explicit choice is kept

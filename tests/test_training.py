@@ -302,6 +302,29 @@ def test_no_weight_decay_on_norms_and_biases(dls, tokenizer):
     assert id(learn.model.transformer.h[0].mlp.c_fc.weight) not in learn.opt.opt.no_decay
 
 
+def test_the_optimizer_is_torchs_fused_adamw_and_steps_like_it(dls, llama):
+    from finetune.learner import AdamW
+
+    learn = causal_lm_learner(dls, llama, precision='fp32', wd=0.1)
+    learn.create_opt()
+    assert learn.opt.opt.defaults['fused'] is True  # CPU float parameters: the one-pass kernel
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(7, 5)) for _ in range(2)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    ours = AdamW(params, lr=1e-2, weight_decay=0.1)
+    assert ours.defaults['fused'] is True
+    ref = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        ours.step()
+        ref.step()
+    for p, q in zip(params, twins):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert AdamW([nn.Parameter(torch.zeros(2, dtype=torch.float64))], fused=False).defaults['fused'] is False
+
+
 # --- predictions ---
 
 
@@ -354,3 +377,55 @@ def test_lora_bad_target_modules_lists_linear_layers(dls, llama):
 
     with pytest.raises(ValueError, match=r"\['qkv'\] are not linear layers.*'down_proj'.*'q_proj'"):
         causal_lm_learner(dls, llama, lora=LoraConfig(target_modules=['qkv', 'q_proj']))
+
+
+# --- host syncs ---
+
+SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__float__}
+SYNCS |= {torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__format__}
+
+
+class CountSyncs(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values made by fastai's or finetune's code between before_batch and after_batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_batch, self.seen = False, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.in_batch and func in SYNCS:
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1] if '/torch/overrides' not in f.filename]
+            caller = frames[-1].filename.replace('\\', '/')
+            if any(part in caller for part in ('/fastai/', '/fastcore/', '/finetune/')):
+                self.seen.append(f'{func.__name__} at {caller}:{frames[-1].lineno}')
+        return func(*args, **(kwargs or {}))
+
+
+class BatchBounds(Callback):
+    def __init__(self, mode, last):
+        self.mode, self.order = mode, 1000 if last else -1000
+
+    def before_batch(self):
+        if self.order < 0:
+            self.mode.in_batch = True
+
+    def after_batch(self):
+        if self.order > 0:
+            self.mode.in_batch = False
+
+
+def test_no_host_sync_in_any_training_batch(dls, llama, monkeypatch):
+    from finetune.callbacks import SyncFreeProgressCallback
+
+    monkeypatch.setattr(SyncFreeProgressCallback, 'interval', float('inf'))  # its comment reads the loss: never here
+    mode = CountSyncs()
+    learn = causal_lm_learner(dls, llama, accum_steps=2, cbs=[BatchBounds(mode, False), BatchBounds(mode, True)])
+    assert isinstance(learn.progress, SyncFreeProgressCallback)
+    with mode:
+        learn.fit(1, 1e-4)
+    assert mode.seen == []
+    with learn.no_bar():
+        assert not hasattr(learn, 'progress')
+    assert isinstance(learn.progress, SyncFreeProgressCallback)  # fastai's no_bar would put its own back

@@ -1,0 +1,221 @@
+"""The LM head and the cross-entropy in one chunked pass: full-vocabulary logits never exist at once.
+
+A causal LM's last step, `logits = lm_head(hidden)`, makes a (tokens x vocabulary) matrix that the
+loss then copies to fp32, turns into log-probabilities and differentiates: for SmolLM2 (49,152
+tokens of vocabulary) that is 1 GB per 2,048 tokens of batch before the backward pass starts, and it
+grows with `bs * seq_len`. `linear_cross_entropy` computes the same loss from the hidden states a
+few hundred rows at a time, and computes the gradients of the hidden states and of the head weight
+in the same pass (the softmax of a chunk is its gradient), so the backward pass only scales them by
+the incoming gradient. Matmuls run in the autocast dtype and the softmax in fp32, as the unfused
+path does under autocast.
+
+During a fit, `HFCausalLMCallback` swaps the model's output layer for `HeadBypass` around the
+forward pass, so the model returns its final hidden states; `learn.pred` is then a `HeadInput`
+(hidden states + the head), which `CausalLMLoss` scores with `linear_cross_entropy`. Models whose
+forward changes the logits after the head (soft-capping, logit scales) are detected by
+`supports_head_bypass` and keep the ordinary path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['HeadInput', 'HeadBypass', 'linear_cross_entropy', 'supports_head_bypass', 'head_bypass', 'chunk_rows']
+
+IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a vocabulary of `vocab` tokens."""
+    return max(16, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+@dataclass
+class HeadInput:
+    """What the model returns in a bypassed forward: final hidden states and the head that would map them."""
+
+    hidden: torch.Tensor  # (..., hidden_size)
+    head: nn.Linear  # the model's output layer
+    dtype: torch.dtype | None = None  # the autocast dtype of the forward pass, None for fp32
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have."""
+        return torch.Size((*self.hidden.shape[:-1], self.head.out_features))
+
+    def logits(self) -> torch.Tensor:
+        """The full logits (materialised: only for small batches)."""
+        with torch.autocast(self.hidden.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.head(self.hidden)
+
+    @torch.no_grad()
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """The most likely next token at each position (over the vocabulary), computed chunk by chunk."""
+        if dim not in (-1, len(self.shape) - 1):
+            raise ValueError(f'HeadInput.argmax works over the vocabulary (dim=-1), not dim={dim}')
+        flat = self.hidden.reshape(-1, self.hidden.shape[-1])
+        weight, bias = _cast(self.head, self.dtype)
+        step = chunk_rows(self.head.out_features)
+        rows = range(0, len(flat), step)
+        ids = [F.linear(flat[s : s + step].to(weight.dtype), weight, bias).argmax(-1) for s in rows]
+        return torch.cat(ids).view(self.hidden.shape[:-1])
+
+
+class HeadBypass(nn.Module):
+    """Stands in for the output layer during a forward pass: passes the hidden states through."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.out_features = head.out_features
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _head_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The parent module and attribute name of the model's output layer, if it is a plain `nn.Linear`."""
+    get = getattr(model, 'get_output_embeddings', None)
+    head = get() if get is not None else None
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    for module in model.modules():
+        for attr, child in module.named_children():
+            if child is head:
+                return module, attr
+    return None
+
+
+class head_bypass:
+    """Context manager: within it, `model(...)` returns final hidden states in place of logits."""
+
+    def __init__(self, model: nn.Module):
+        slot = _head_slot(model)
+        if slot is None:
+            raise ValueError(f'{type(model).__name__} has no plain nn.Linear output layer to bypass')
+        self.parent, self.attr = slot
+        self.head = getattr(self.parent, self.attr)
+
+    def __enter__(self) -> nn.Linear:
+        setattr(self.parent, self.attr, HeadBypass(self.head))
+        return self.head
+
+    def __exit__(self, *exc):
+        setattr(self.parent, self.attr, self.head)
+
+
+@torch.no_grad()
+def supports_head_bypass(model: nn.Module) -> bool:
+    """True when the model's logits are exactly `head(final hidden states)`, checked on a 3-token forward.
+
+    False for models that scale or soft-cap logits after the head (Gemma 2, Cohere, Granite...), whose
+    output layer is not a plain `nn.Linear`, or that cannot run a forward pass this way.
+    """
+    if _head_slot(model) is None:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.tensor([[1, 2, 3]], device=device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        with head_bypass(model) as head:
+            hidden = model(input_ids=ids, use_cache=False).logits
+        if hidden.shape[-1] != head.in_features:
+            return False
+        return torch.allclose(head(hidden).float(), logits, rtol=1e-4, atol=1e-4)
+    except Exception:  # an architecture this check does not understand keeps the ordinary path
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _cast(head: nn.Linear, dtype: torch.dtype | None):
+    weight, bias = head.weight, head.bias
+    if dtype is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return weight, bias
+
+
+def _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b):
+    """Token losses, and (when asked) the gradients of their sum w.r.t. hidden, weight and bias.
+
+    The weight's gradient accumulates in the matmul dtype, as the unfused path's single matmul
+    produces it; ignored positions are masked on the small (rows x hidden) side of each product.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(dtype) if dtype is not None else weight
+    b = bias.to(dtype) if bias is not None and dtype is not None else bias
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(w) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    step = chunk_rows(vocab)
+    for s in range(0, n, step):
+        h = hidden[s : s + step].to(w.dtype)
+        y = labels[s : s + step]
+        real = y != IGNORE_INDEX
+        target = torch.where(real, y, 0).unsqueeze(1)
+        logp = torch.log_softmax(F.linear(h, w, b), -1, dtype=torch.float32)
+        losses[s : s + step] = logp.gather(1, target).squeeze(1).neg_().mul_(real)
+        if not (need_h or need_w or need_b):
+            continue
+        grad = logp.exp_()  # softmax, in place of the log-probabilities
+        grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))  # minus the one-hot target
+        keep = real.unsqueeze(1).to(w.dtype)
+        if need_b:
+            grad_b += grad.t() @ keep.squeeze(1).float()
+        grad = grad.to(w.dtype)
+        if need_h:
+            grad_h[s : s + step] = (grad @ w).mul_(keep)
+        if need_w:
+            grad_w.addmm_(grad.t(), h * keep)
+    return losses, grad_h, grad_w, grad_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, dtype):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        losses, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_total.float()
+        return (
+            (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None,
+            grad_w.to(ctx.weight_dtype).mul_(scale) if grad_w is not None else None,
+            grad_b.mul_(scale).to(ctx.weight_dtype) if grad_b is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,  # (..., hidden_size) final hidden states
+    head: nn.Linear,  # the output layer
+    labels: torch.Tensor,  # (...) target ids, IGNORE_INDEX where there is none
+    dtype: torch.dtype | None = None,  # matmul dtype (the autocast dtype); None: the weight's own
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sum of token losses, per-token losses)` of `cross_entropy(head(hidden), labels)`, chunk by chunk.
+
+    The sum is differentiable (w.r.t. hidden, head weight and bias); the per-token losses (0 where
+    ignored) are detached, for metrics. Gradients are computed during the forward pass and kept
+    until backward: hidden-sized and head-sized, not logits-sized.
+    """
+    flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+    if not torch.is_grad_enabled():
+        losses = _chunked(flat, head.weight, head.bias, y, dtype, False, False, False)[0]
+        return losses.sum(), losses.view(labels.shape)
+    total, losses = _LinearCrossEntropy.apply(flat, head.weight, head.bias, y, dtype)
+    return total, losses.view(labels.shape)
