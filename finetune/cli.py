@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float | None = None
     precision: str = 'auto'
     lora: bool = False
+    compile: bool = False
     out: str = 'finetune-out'
     seed: int = 42
     valid_pct: float = 0.05
@@ -135,12 +136,15 @@ def build_mix(config: TrainConfig):
     return CorpusMix(corpora, weights=weights or None, share=share or None, epoch_tokens=config.epoch_tokens)
 
 
-def cmd_train(a) -> None:
+def train_config(a) -> TrainConfig:
+    """The config of `finetune train`: the TOML file, then the flags given (an absent flag changes nothing)."""
     overrides = {k: getattr(a, k) for k in _keys(TrainConfig) if k != 'corpus' and getattr(a, k, None) is not None}
     overrides['corpus'] = _corpora_from_flags(a)
-    if a.lora:
-        overrides['lora'] = True
-    config = load_config(a.config, overrides)
+    return load_config(a.config, overrides)
+
+
+def cmd_train(a) -> None:
+    config = train_config(a)
     mix = build_mix(config)
     from .data import lm_dataloaders
     from .learner import causal_lm_learner
@@ -153,7 +157,7 @@ def cmd_train(a) -> None:
     dls = lm_dataloaders(mix, tok, seq_len=config.seq_len, bs=config.bs, valid_pct=config.valid_pct, seed=config.seed)
     learn = causal_lm_learner(
         dls, load_model(config.model), precision=config.precision, lora=config.lora or None,
-        accum_steps=config.accum_steps, lr=config.lr,
+        accum_steps=config.accum_steps, lr=config.lr, compile=config.compile,
     )  # fmt: skip
     learn.fit_one_cycle(config.epochs)
     dls.mix_report()
@@ -219,7 +223,10 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument('--' + key.replace('_', '-'), dest=key, type=typ,
                        help=f'default {getattr(TrainConfig, key, None)}')  # fmt: skip
     t.add_argument('--precision', choices=PRECISIONS, help="default 'auto'")
-    t.add_argument('--lora', action='store_true', help='train LoRA adapters (default: all weights)')
+    t.add_argument('--lora', action='store_true', default=None, help='train LoRA adapters (default: all weights)')
+    t.add_argument(
+        '--compile', action='store_true', default=None, help='torch.compile the decoder blocks (faster after ~20 s)'
+    )
     t.add_argument('--out', help=f'folder for the trained model (default {TrainConfig.out})')
     t.set_defaults(func=cmd_train)
 

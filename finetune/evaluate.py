@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Metric
 
-from .head_loss import IGNORE_INDEX, HeadInput, linear_cross_entropy
+from .head_loss import IGNORE_INDEX, HeadInput, head_bypass, linear_cross_entropy, supports_head_bypass
 
 __all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'IGNORE_INDEX']
 
@@ -133,6 +133,7 @@ def corpus_perplexity(
     dtype = resolve_precision(precision, device)
     loss_func, rows = CausalLMLoss(), []
     was_training = model.training
+    bypass = head_bypass(model) if supports_head_bypass(model) else None  # no full logits here either
     model.eval()
     try:
         for corpus in corpora:
@@ -151,8 +152,12 @@ def corpus_perplexity(
                 )
                 batch = batch.to(device)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(input_ids=batch[:, :-1]).logits
-                loss_func(logits, batch[:, 1:])
+                    if bypass is None:
+                        pred = model(input_ids=batch[:, :-1]).logits
+                    else:
+                        with bypass:
+                            pred = HeadInput(model(input_ids=batch[:, :-1]).logits, bypass.head, dtype)
+                loss_func(pred, batch[:, 1:])
                 total += loss_func.row_loss.sum().item()
                 count += int(loss_func.row_tokens.sum())
             rows.append({'corpus': corpus.name, 'tokens': count, 'perplexity': math.exp(total / count)})

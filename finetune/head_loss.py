@@ -145,15 +145,17 @@ def _cast(head: nn.Linear, dtype: torch.dtype | None):
 def _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b):
     """Token losses, and (when asked) the gradients of their sum w.r.t. hidden, weight and bias.
 
-    The weight's gradient accumulates in the matmul dtype, as the unfused path's single matmul
-    produces it; ignored positions are masked on the small (rows x hidden) side of each product.
+    The weight's gradient accumulates in the matmul dtype (bf16 has fp32's range), as the unfused
+    path's single matmul produces it; with fp16, whose sums over many rows can overflow, that matmul
+    runs in fp32. Ignored positions are masked on the small (rows x hidden) side of each product.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(dtype) if dtype is not None else weight
     b = bias.to(dtype) if bias is not None and dtype is not None else bias
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros_like(w) if need_w else None
+    acc = torch.float32 if w.dtype == torch.float16 else w.dtype
+    grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
     step = chunk_rows(vocab)
     for s in range(0, n, step):
@@ -170,11 +172,14 @@ def _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b):
         keep = real.unsqueeze(1).to(w.dtype)
         if need_b:
             grad_b += grad.t() @ keep.squeeze(1).float()
+        grad32 = grad if need_w and acc != w.dtype else None
         grad = grad.to(w.dtype)
         if need_h:
             grad_h[s : s + step] = (grad @ w).mul_(keep)
-        if need_w:
+        if need_w and grad_w.dtype == w.dtype:
             grad_w.addmm_(grad.t(), h * keep)
+        elif need_w:
+            grad_w.addmm_(grad32.t(), (h * keep).float())
     return losses, grad_h, grad_w, grad_b
 
 

@@ -146,3 +146,12 @@ def test_quickstart_runs_on_a_stand_in_model(tmp_path, tiny_model_dir, monkeypat
     assert 'perplexity of python_reference' in out and 'before:' in out and 'after:' in out
     assert result['after']['python_reference'] < result['before']['python_reference']
     assert (tmp_path / 'qs' / 'model.safetensors').exists()
+
+
+def test_switches_in_a_config_are_not_undone_by_absent_flags(tmp_path, corpora):
+    config = tmp_path / 'c.toml'
+    config.write_text(f'lora = true\ncompile = true\n[[corpus]]\nname = "legal"\npath = "{corpora / "legal"}"\n')
+    loaded = cli.train_config(cli.parser().parse_args(['train', str(config)]))
+    assert loaded.lora is True and loaded.compile is True
+    flags = cli.train_config(cli.parser().parse_args(['train', '--corpus', f'legal={corpora / "legal"}', '--compile']))
+    assert flags.compile is True and flags.lora is False

@@ -167,3 +167,32 @@ def test_a_fused_fit_never_holds_full_logits(dls, tokenizer, monkeypatch):
         runs[fused] = mode.largest
     assert runs[False] >= 256 * vocab  # the ordinary path makes the whole batch's logits
     assert runs[True] <= max(16 * vocab, vocab * 32)  # a chunk, or the head weight's transposed view
+
+
+def test_corpus_perplexity_is_the_same_without_full_logits(cat_corpus_dir, tokenizer, cache, monkeypatch):
+    import finetune.evaluate as ev
+
+    model = tiny_llama(len(tokenizer))
+    corpus = Corpus(cat_corpus_dir)
+    fused = ev.corpus_perplexity(model, tokenizer, corpus, seq_len=16, bs=4, precision='fp32', cache=cache)
+    monkeypatch.setattr(ev, 'supports_head_bypass', lambda m: False)
+    with LargestLogits(len(tokenizer)) as mode:
+        plain = ev.corpus_perplexity(model, tokenizer, corpus, seq_len=16, bs=4, precision='fp32', cache=cache)
+    assert mode.largest >= 4 * 16 * len(tokenizer)  # the monkeypatch took effect: full logits on that path
+    assert fused['perplexity'][0] == pytest.approx(plain['perplexity'][0], rel=1e-5)
+    assert fused['tokens'][0] == plain['tokens'][0] > 0
+    assert model.get_output_embeddings() is model.lm_head
+
+
+def test_fp16_weight_gradient_sums_do_not_overflow():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 12, bias=False)
+    hidden = (torch.rand(3000, 8) * 60 + 40).requires_grad_()  # every row pushes the same column: sums of ~1.5e5
+    labels = torch.full((3000,), 5)
+    total, _ = linear_cross_entropy(hidden, head, labels, torch.float16)
+    total.backward()
+    got = head.weight.grad.clone()
+    head.zero_grad(set_to_none=True)
+    reference(hidden, head, labels)[0].backward()
+    assert torch.isfinite(got).all() and got.abs().max() > 65504  # beyond fp16's range, and still right
+    assert torch.allclose(got, head.weight.grad, rtol=1e-2, atol=1.0)

@@ -1,0 +1,107 @@
+"""How training throughput and peak memory grow with seq_len and model size (finetune's Learner).
+
+Each configuration runs alone in a child process (so its peak RSS is its own): a SmolLM2-shaped
+model, batch 4, bf16 autocast, `fit` over `--steps` batches of the Python language reference;
+tokens/s is the median step after the first. The seq_len sweep runs SmolLM2-135M with the fused
+head and without it (full logits), to show what the fused head saves as batches grow; the model
+sweep adds SmolLM2-360M's shape (random weights: the speed does not depend on their values).
+
+    python bench/scaling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from train_throughput import PEAK_FLOPS, peak_rss_gib
+
+BS = 4
+SHAPES = {  # SmolLM2's published configurations
+    '135M': dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3),
+    '360M': dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5),
+}  # fmt: skip
+
+
+def one(seq_len: int, model: str, fused: bool, steps: int, precision: str) -> dict:
+    from pydoc_data.topics import topics
+
+    from fastai.callback.core import Callback
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from finetune import Corpus, CorpusMix, causal_lm_learner, lm_dataloaders, load_model, load_tokenizer
+
+    tok = load_tokenizer('smollm2-135m')
+    folder = Path(tempfile.mkdtemp()) / 'reference'
+    folder.mkdir()
+    for name, text in topics.items():
+        (folder / f'{name}.txt').write_text(text)
+    mix = CorpusMix([Corpus(folder, name='reference')], epoch_tokens=steps * BS * seq_len)
+    dls = lm_dataloaders(mix, tok, seq_len=seq_len, bs=BS, valid_pct=0.01, verbose=False, max_valid_blocks=1)
+    if model == '135M':
+        net = load_model('smollm2-135m')
+    else:
+        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                          rope_theta=100000.0, **SHAPES[model])  # fmt: skip
+        torch.manual_seed(0)
+        net = AutoModelForCausalLM.from_config(cfg)
+
+    class Times(Callback):
+        order = 100
+
+        def before_fit(self):
+            self.times, self.last = [], None
+
+        def after_step(self):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.times.append(now - self.last)
+            self.last = now
+
+    timer = Times()
+    learn = causal_lm_learner(dls, net, precision=precision, fused_head=fused, cbs=[timer])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-5)
+    n_params = sum(p.numel() for p in net.parameters())
+    tok_s = BS * seq_len / statistics.median(timer.times)
+    return {'tok_s': tok_s, 'mfu': 6 * n_params * tok_s / PEAK_FLOPS[precision], 'rss_gib': peak_rss_gib(),
+            'params': n_params}  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--steps', type=int, default=4)
+    p.add_argument('--precision', choices=['bf16', 'fp32'], default='bf16')
+    p.add_argument('--seq-lens', default='128,256,512,1024')
+    p.add_argument('--one', help=argparse.SUPPRESS)
+    a = p.parse_args()
+    warnings.filterwarnings('ignore')
+    if a.one:
+        print(json.dumps(one(**json.loads(a.one), steps=a.steps, precision=a.precision)))
+        return
+    runs = [dict(seq_len=s, model='135M', fused=f) for s in map(int, a.seq_lens.split(',')) for f in (True, False)]
+    runs += [dict(seq_len=256, model='360M', fused=True)]
+    print(f'\nfinetune Learner, batch {BS}, {a.precision}, CPU ({torch.get_num_threads()} threads), '
+          f'median of {a.steps - 1} steps, each configuration alone in a process\n')  # fmt: skip
+    print('| model | seq_len | head | tokens/s | MFU | peak RSS |\n|---|---|---|---|---|---|')
+    for run in runs:
+        cmd = [sys.executable, __file__, '--one', json.dumps(run), '--steps', str(a.steps), '--precision', a.precision]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        head = 'fused' if run['fused'] else 'full logits'
+        print(f"| SmolLM2-{run['model']} ({out['params'] / 1e6:.0f}M) | {run['seq_len']} | {head} | "
+              f"{out['tok_s']:.0f} | {out['mfu']:.1%} | {out['rss_gib']:.2f} GiB |", flush=True)  # fmt: skip
+
+
+if __name__ == '__main__':
+    main()
