@@ -99,9 +99,10 @@ class head_bypass:
             raise ValueError(f'{type(model).__name__} has no plain nn.Linear output layer to bypass')
         self.parent, self.attr = slot
         self.head = getattr(self.parent, self.attr)
+        self.bypass = HeadBypass(self.head)
 
     def __enter__(self) -> nn.Linear:
-        setattr(self.parent, self.attr, HeadBypass(self.head))
+        setattr(self.parent, self.attr, self.bypass)
         return self.head
 
     def __exit__(self, *exc):
