@@ -19,13 +19,14 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from common import peak_rss_gib, run_child
 
 SEQ_LEN = 512
 
@@ -113,20 +114,6 @@ def raw_side(tok, files):
     return run
 
 
-def peak_rss_gib() -> float:
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 2**20
-    return float('nan')
-
-
-def child(*args: str) -> dict:
-    """Run one measurement in a fresh interpreter: the `datasets` side forks workers, after which the
-    tokenizers library turns off its own parallelism for the rest of that process."""
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.rfind('{') :])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--rounds', type=int, default=3)
@@ -167,13 +154,14 @@ def main():
     names = ['finetune pack_corpora', 'datasets map + group_texts', 'raw encode_batch_fast']
     rates = {k: [] for k in names}
     for r in range(a.rounds):
-        for name in names:
-            result = child('--side', name)
+        for name in names:  # each in a fresh interpreter: once `datasets` forks workers, the tokenizers
+            # library turns its own parallelism off for the rest of that process
+            result = run_child(__file__, '--side', name)
             rates[name].append(result['tokens'] / result['s'])
         print(f'round {r}: ' + ', '.join(f'{k} {v[-1] / 1e6:.2f} M tok/s' for k, v in rates.items()), file=sys.stderr)
     cache = tempfile.mkdtemp()
-    cached = [child('--cached', cache)['s'] for _ in range(3)]
-    rss1, rss4 = child('--rss-only', '1'), child('--rss-only', '4')
+    cached = [run_child(__file__, '--cached', cache)['s'] for _ in range(3)]
+    rss1, rss4 = run_child(__file__, '--rss-only', '1'), run_child(__file__, '--rss-only', '4')
     med = {k: statistics.median(v) for k, v in rates.items()}
     ours_rate = med['finetune pack_corpora']
     print(f'\nworkload 2: {mb:.1f} MB of stdlib source, SmolLM2 tokenizer, seq_len {SEQ_LEN}, 2 cores, '

@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 import warnings
-from pathlib import Path
 
 import torch
-from train_throughput import PEAK_FLOPS, peak_rss_gib
+from common import peak_rss_gib, reference_dls, run_child, step_timer
+from train_throughput import PEAK_FLOPS
 
 BS = 4
 SHAPES = {  # SmolLM2's published configurations
@@ -34,20 +30,11 @@ SHAPES = {  # SmolLM2's published configurations
 
 
 def one(seq_len: int, model: str, fused: bool, steps: int, precision: str) -> dict:
-    from pydoc_data.topics import topics
-
-    from fastai.callback.core import Callback
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from finetune import Corpus, CorpusMix, causal_lm_learner, lm_dataloaders, load_model, load_tokenizer
+    from finetune import causal_lm_learner, load_model
 
-    tok = load_tokenizer('smollm2-135m')
-    folder = Path(tempfile.mkdtemp()) / 'reference'
-    folder.mkdir()
-    for name, text in topics.items():
-        (folder / f'{name}.txt').write_text(text)
-    mix = CorpusMix([Corpus(folder, name='reference')], epoch_tokens=steps * BS * seq_len)
-    dls = lm_dataloaders(mix, tok, seq_len=seq_len, bs=BS, valid_pct=0.01, verbose=False, max_valid_blocks=1)
+    dls = reference_dls(steps, seq_len, BS, max_valid_blocks=1)
     if model == '135M':
         net = load_model('smollm2-135m')
     else:
@@ -55,20 +42,7 @@ def one(seq_len: int, model: str, fused: bool, steps: int, precision: str) -> di
                           rope_theta=100000.0, **SHAPES[model])  # fmt: skip
         torch.manual_seed(0)
         net = AutoModelForCausalLM.from_config(cfg)
-
-    class Times(Callback):
-        order = 100
-
-        def before_fit(self):
-            self.times, self.last = [], None
-
-        def after_step(self):
-            now = time.perf_counter()
-            if self.last is not None:
-                self.times.append(now - self.last)
-            self.last = now
-
-    timer = Times()
+    timer = step_timer()
     learn = causal_lm_learner(dls, net, precision=precision, fused_head=fused, cbs=[timer])
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-5)
@@ -95,9 +69,7 @@ def main():
           f'median of {a.steps - 1} steps, each configuration alone in a process\n')  # fmt: skip
     print('| model | seq_len | head | tokens/s | MFU | peak RSS |\n|---|---|---|---|---|---|')
     for run in runs:
-        cmd = [sys.executable, __file__, '--one', json.dumps(run), '--steps', str(a.steps), '--precision', a.precision]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out = json.loads(done.stdout.strip().splitlines()[-1])
+        out = run_child(__file__, '--one', json.dumps(run), '--steps', str(a.steps), '--precision', a.precision)
         head = 'fused' if run['fused'] else 'full logits'
         print(f"| SmolLM2-{run['model']} ({out['params'] / 1e6:.0f}M) | {run['seq_len']} | {head} | "
               f"{out['tok_s']:.0f} | {out['mfu']:.1%} | {out['rss_gib']:.2f} GiB |", flush=True)  # fmt: skip

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import tempfile
 import time
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from train_throughput import BS, SEQ_LEN, data
@@ -120,7 +118,7 @@ def main():
     warnings.filterwarnings('ignore')
     from finetune import load_model
 
-    dls, _, batches = data(a.steps, Path(tempfile.mkdtemp()) / 'reference')
+    dls, _, batches = data(a.steps)
     base = load_model('smollm2-135m')
     learn, run_learner = profile_learner(copy.deepcopy(base), dls, a.precision, a.steps)
     run_plain = profile_plain(copy.deepcopy(base), batches, a.precision, a.steps)

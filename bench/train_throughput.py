@@ -17,62 +17,38 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from common import peak_rss_gib, reference_dls, run_child, step_timer
 
 SEQ_LEN, BS = 256, 4
 PEAK_FLOPS = {'bf16': 900e9, 'fp32': 200e9}  # 2-core CPU peak matmul, BENCH.md
 
 
-def data(steps: int, folder: Path):
-    """The Python language reference as a corpus, packed for SmolLM2; `steps` batches per epoch."""
-    from pydoc_data.topics import topics
-
-    from finetune import Corpus, CorpusMix, lm_dataloaders, load_tokenizer
-
-    tok = load_tokenizer('smollm2-135m')
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in topics.items():
-        (folder / f'{name}.txt').write_text(text)
-    mix = CorpusMix([Corpus(folder, name='reference')], epoch_tokens=steps * BS * SEQ_LEN)
-    dls = lm_dataloaders(mix, tok, seq_len=SEQ_LEN, bs=BS, valid_pct=0.01, verbose=False)
+def data(steps: int):
+    """finetune's DataLoaders over the Python language reference, and the same blocks as tensors for the other sides."""
+    dls = reference_dls(steps, SEQ_LEN, BS)
     order = dls.train.sampler.epoch_order(0)
     batches = torch.stack([torch.from_numpy(dls.packed.block(int(i))[:-1].astype('int64')) for i in order])
-    return dls, tok, batches.view(steps, BS, SEQ_LEN)  # the same tokens for the other sides
+    return dls, dls.tokenizer, batches.view(steps, BS, SEQ_LEN)
 
 
 def finetune_side(model, dls, precision, **options):
     """`learn.fit_one_cycle(1)` through finetune's own DataLoaders (one epoch = `steps` steps)."""
-    from fastai.callback.core import Callback
-
     from finetune import causal_lm_learner
 
-    class Times(Callback):
-        order = 100
-
-        def before_fit(self):
-            self.learn._times, self._last = [], None
-
-        def after_step(self):
-            now = time.perf_counter()
-            if self._last is not None:
-                self.learn._times.append(now - self._last)
-            self._last = now
-
-    learn = causal_lm_learner(dls, model, precision=precision, cbs=[Times()], **options)
+    timer = step_timer()
+    learn = causal_lm_learner(dls, model, precision=precision, cbs=[timer], **options)
 
     def run(steps):
         with learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(1, 1e-4)
-        return learn._times
+        return timer.times
 
     return run
 
@@ -148,28 +124,15 @@ def foreach_adamw(params, **kwargs):
 def make_sides(precision, steps, names):
     from finetune import load_model
 
-    dls, tok, batches = data(steps, Path(tempfile.mkdtemp()) / 'reference')
+    dls, tok, batches = data(steps)
     base = load_model('smollm2-135m')
     sides = {name: SIDES[name][0](copy.deepcopy(base), dls, batches, precision) for name in names}
     return sides, sum(p.numel() for p in base.parameters())
 
 
-def peak_rss_gib() -> float:
-    """This process's peak RSS. Not `ru_maxrss`: on Linux a child started by `subprocess` inherits its
-    parent's value across fork and exec, while `VmHWM` belongs to the new address space."""
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def rss_of(side: str, precision: str, steps: int) -> float:
     """Peak RSS (GiB) of one side running alone, in a child process."""
-    out = subprocess.run(
-        [sys.executable, __file__, '--rss-only', side, '--precision', precision, '--steps', str(steps)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])['rss_gib']
+    return run_child(__file__, '--rss-only', side, '--precision', precision, '--steps', str(steps))['rss_gib']
 
 
 def main():

@@ -16,7 +16,7 @@ from fastai.callback.core import Callback, CancelBatchException, CancelStepExcep
 from fastai.callback.progress import ProgressCallback
 
 from .evaluate import CausalLMLoss
-from .head_loss import HeadInput, head_bypass
+from .head_loss import IGNORE_INDEX, HeadInput, head_bypass
 from .splitter import find_blocks
 
 __all__ = [
@@ -46,7 +46,7 @@ class HFCausalLMCallback(Callback):
 
     def __init__(self, fused_head: bool = False):
         self.fused_head = fused_head
-        self._bypass, self._bypassed = None, False
+        self._bypass = None
 
     def before_fit(self):
         config = getattr(self.learn.model, 'config', None)
@@ -58,6 +58,7 @@ class HFCausalLMCallback(Callback):
 
     def after_fit(self):
         self._restore_head()
+        self._bypass = None  # found afresh by each fit (and validate, get_preds): the head may have changed
         config = getattr(self.learn.model, 'config', None)
         if config is not None and self._use_cache is not None:
             config.use_cache = self._use_cache
@@ -67,12 +68,11 @@ class HFCausalLMCallback(Callback):
         self.learn.yb = tuple(_plain(y) for y in self.yb)
         if self._bypass is not None and len(self.yb):
             self._bypass.__enter__()
-            self._bypassed = True
 
     def after_pred(self):
         pred = self.pred
         pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
-        if self._bypassed:
+        if self._bypass is not None and self._bypass.active:
             self._restore_head()
             device = pred.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -83,9 +83,8 @@ class HFCausalLMCallback(Callback):
         self._restore_head()
 
     def _restore_head(self):
-        if self._bypassed:
+        if self._bypass is not None:
             self._bypass.__exit__(None, None, None)
-            self._bypassed = False
 
 
 class MixCallback(Callback):
@@ -107,7 +106,7 @@ class MixCallback(Callback):
             return
         labels, corpus = self.yb[0], self.yb[1]
         self.sampler.advance(len(labels))
-        tokens = (labels != -100).sum(-1)
+        tokens = (labels != IGNORE_INDEX).sum(-1)
         n = len(self.dls.packed.names)
         counts = torch.zeros(n, dtype=torch.long, device=tokens.device).index_add_(0, corpus.long(), tokens)
         self.counts = counts if self.counts is None else self.counts + counts
@@ -162,7 +161,7 @@ class TrainStepCallback(Callback):
     """Everything between the forward pass and the optimizer step, in one explicit order.
 
     1. autocast the forward pass to `dtype` on the model's device (bf16, or fp16 on CUDA); the loss
-       and metrics are computed from fp32 logits outside it;
+       and metrics are computed outside it, in fp32 (the fused head runs its matmuls in `dtype`);
     2. with `accum_steps` > 1, backpropagate each micro-batch's summed token loss and step every
        `accum_steps` micro-batches (and at the end of an epoch), dividing the gradients by the
        tokens of the whole window: exactly the gradient of one large batch;
@@ -210,7 +209,7 @@ class TrainStepCallback(Callback):
     # 2-3. accumulation and loss scaling
     def before_backward(self):
         if self.accum_steps > 1:
-            n = (self.yb[0] != -100).sum()
+            n = (self.yb[0] != IGNORE_INDEX).sum()
             self.learn.loss_grad = self.loss_grad * n
             self.window_tokens = self.window_tokens + n
         if self.scaler is not None:

@@ -145,7 +145,7 @@ def corpus_perplexity(
                     f'seq_len={seq_len} + 1: lower seq_len or add documents'
                 )
             n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
-            total, count = 0.0, 0
+            total, count = 0, 0  # summed on the device: read once per corpus
             for start in progress_bar(range(0, n, bs), leave=False):
                 batch = torch.stack(
                     [torch.from_numpy(blocks[i].astype('int64')) for i in range(start, min(n, start + bs))]
@@ -158,8 +158,9 @@ def corpus_perplexity(
                         with bypass:
                             pred = HeadInput(model(input_ids=batch[:, :-1]).logits, bypass.head, dtype)
                 loss_func(pred, batch[:, 1:])
-                total += loss_func.row_loss.sum().item()
-                count += int(loss_func.row_tokens.sum())
+                total = total + loss_func.row_loss.sum()
+                count = count + loss_func.row_tokens.sum()
+            total, count = float(total), int(count)
             rows.append({'corpus': corpus.name, 'tokens': count, 'perplexity': math.exp(total / count)})
     finally:
         model.train(was_training)

@@ -59,7 +59,7 @@ class HeadInput:
         if dim not in (-1, len(self.shape) - 1):
             raise ValueError(f'HeadInput.argmax works over the vocabulary (dim=-1), not dim={dim}')
         flat = self.hidden.reshape(-1, self.hidden.shape[-1])
-        weight, bias = _cast(self.head, self.dtype)
+        weight, bias = _cast(self.head.weight, self.head.bias, self.dtype)
         step = chunk_rows(self.head.out_features)
         rows = range(0, len(flat), step)
         ids = [F.linear(flat[s : s + step].to(weight.dtype), weight, bias).argmax(-1) for s in rows]
@@ -101,11 +101,16 @@ class head_bypass:
         self.head = getattr(self.parent, self.attr)
         self.bypass = HeadBypass(self.head)
 
+    @property
+    def active(self) -> bool:
+        """Whether the pass-through is in the head's place now."""
+        return getattr(self.parent, self.attr) is self.bypass
+
     def __enter__(self) -> nn.Linear:
         setattr(self.parent, self.attr, self.bypass)
         return self.head
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):  # putting the head back twice is harmless
         setattr(self.parent, self.attr, self.head)
 
 
@@ -135,12 +140,11 @@ def supports_head_bypass(model: nn.Module) -> bool:
         model.train(was_training)
 
 
-def _cast(head: nn.Linear, dtype: torch.dtype | None):
-    weight, bias = head.weight, head.bias
-    if dtype is not None and weight.dtype != dtype:
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return weight, bias
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    """The head's weight and bias in the matmul dtype (themselves for None: no autocast)."""
+    if dtype is None:
+        return weight, bias
+    return weight.to(dtype), bias.to(dtype) if bias is not None else None
 
 
 def _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b):
@@ -151,8 +155,7 @@ def _chunked(hidden, weight, bias, labels, dtype, need_h, need_w, need_b):
     runs in fp32. Ignored positions are masked on the small (rows x hidden) side of each product.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
-    w = weight.to(dtype) if dtype is not None else weight
-    b = bias.to(dtype) if bias is not None and dtype is not None else bias
+    w, b = _cast(weight, bias, dtype)
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
     acc = torch.float32 if w.dtype == torch.float16 else w.dtype

@@ -112,6 +112,12 @@ class CausalLMLearner(Learner):
     n_groups: int | None = None
     only: set[int] | None = None  # with LoRA: the ids of the adapter parameters, the only ones grouped
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if type(getattr(self, 'progress', None)) is ProgressCallback:  # fastai's reads the loss every batch
+            self.remove_cb(self.progress)
+            self.add_cb(SyncFreeProgressCallback())
+
     # --- layer groups and freezing ---
     def groups(self):
         """Each group's modules, parameter count, trainable count and current LR, as a DataFrame."""
@@ -357,9 +363,6 @@ def causal_lm_learner(
     )
     learn.tokenizer, learn.n_groups, learn.only, learn.precision = tokenizer, n_groups, only, dtype
     learn.fused_head = fused_head
-    if isinstance(getattr(learn, 'progress', None), ProgressCallback):
-        learn.remove_cb(learn.progress)
-        learn.add_cb(SyncFreeProgressCallback())
     return learn
 
 

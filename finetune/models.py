@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .zoo import is_zoo_name, zoo_model_dir
+from .zoo import ZOO, is_zoo_name, zoo_model_dir
 
 __all__ = ['load_model', 'load_tokenizer', 'ensure_pad_token', 'model_context_length']
 
@@ -32,8 +32,6 @@ def _check_local(source) -> None:
 
 
 def _offline_hint(source, err: Exception) -> OSError:
-    from .zoo import ZOO
-
     return OSError(
         f'could not load {source!r}: {err}\n'
         f'It is not an embedded model ({", ".join(sorted(ZOO))}), a local folder, or a hub id in the Hugging Face '
