@@ -12,13 +12,15 @@ with warnings.catch_warnings():
     import fastai.data.block  # noqa: F401
 
 from .corpora import Corpus
-from .data import LMBlock, LMDataLoader, LMDataLoaders, PackedCorpora, lm_dataloaders, pack_corpora
-from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity, corpus_perplexity
+from .data import LMBlock, LMDataLoader, LMDataLoaders, lm_datablock, lm_dataloaders
+from .evaluate import CorpusPerplexity, Perplexity, corpus_perplexity
 from .generate import generate
 from .learner import CausalLMLearner, causal_lm_learner
-from .mix import CorpusMix, MixSampler
+from .loss import CausalLMLoss
+from .mix import CorpusMix, MixSampler, pack_corpora
 from .mix_report import MixChecks, MixReport, mix_report
 from .models import load_model, load_tokenizer
+from .packing import PackedCorpora
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
 __version__ = '0.1.0'
@@ -37,6 +39,7 @@ __all__ = [
     'LMBlock',
     'LMDataLoader',
     'LMDataLoaders',
+    'lm_datablock',
     'pack_corpora',
     'lm_dataloaders',
     'load_model',

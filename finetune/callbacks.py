@@ -1,9 +1,15 @@
-"""Callbacks that fit Hugging Face causal LMs and corpus mixes into fastai's training loop.
+"""Callbacks that fit Hugging Face causal LMs and corpus mixes into fastai's training loop, one concern each.
 
 `HFCausalLMCallback` is fastai's two-line `DropOutput` pattern plus what a transformers model
 needs: inputs go in as plain tensors (fastai's tensor subclasses would route every op of the
-model through `__torch_function__`), the model output is reduced to its logits, and the KV cache
-is off while fitting (it only costs memory during training).
+model through `__torch_function__`), the model output is reduced to its logits (or the fused
+head's input), and the KV cache is off while fitting (it only costs memory during training).
+`TrainStepCallback` owns everything between the forward pass and the optimizer step, `MixCallback`
+the mix sampler's place and the trained-token counts, `CompileBlocksCallback` regional
+`torch.compile`, `SyncFreeProgressCallback` the progress bars.
+
+Each callback that changes the model puts it back in `after_fit`, and may see `after_fit` twice:
+`CausalLMLearner` runs it for a fit that ends with an exception too (fastai does not).
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import torch
 from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 from fastai.callback.progress import ProgressCallback
 
-from .evaluate import CausalLMLoss
-from .head_loss import IGNORE_INDEX, HeadInput, head_bypass
+from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass
+from .precision import autocast
 from .splitter import find_blocks
 
 __all__ = [
@@ -25,8 +31,6 @@ __all__ = [
     'TrainStepCallback',
     'CompileBlocksCallback',
     'SyncFreeProgressCallback',
-    'resolve_precision',
-    'cpu_has_native_bf16',
 ]
 
 
@@ -35,70 +39,61 @@ def _plain(t):
 
 
 class HFCausalLMCallback(Callback):
-    """Plain-tensor inputs and targets in, `logits` out, no KV cache while fitting.
+    """Plain-tensor inputs and targets in, `logits` (or the fused head's input) out, no KV cache while fitting.
 
-    With `fused_head=True` (the default of `causal_lm_learner` wherever the model allows it) the
-    forward pass skips the LM head and `learn.pred` is a `HeadInput` (final hidden states + head):
-    `CausalLMLoss` then computes head and loss together in chunks, never holding full logits.
+    With `learn.fused_head` (the default of `causal_lm_learner` wherever the model allows it) the
+    output layer is bypassed once for the whole fit, and `learn.pred` is a `HeadInput` (final hidden
+    states + head + `learn.precision`): `CausalLMLoss` then computes head and loss together in
+    chunks, never holding full logits. Everything it changes on the model is put back in
+    `after_fit`, which `CausalLMLearner` also runs when a fit ends with an exception.
     """
 
     order = -10  # before anything that reads the batch
 
-    def __init__(self, fused_head: bool = False):
-        self.fused_head = fused_head
-        self._bypass = None
+    def __init__(self):
+        self._bypass, self._config, self._use_cache = None, None, None
 
     def before_fit(self):
         config = getattr(self.learn.model, 'config', None)
-        self._use_cache = getattr(config, 'use_cache', None)
-        if config is not None and self._use_cache is not None:
+        if self._config is None and getattr(config, 'use_cache', None) is not None:
+            self._config, self._use_cache = config, config.use_cache
             config.use_cache = False
-        fused = self.fused_head and isinstance(self.learn.loss_func, CausalLMLoss)
-        self._bypass = head_bypass(self.learn.model) if fused else None  # found once per fit
+        if self._bypass is None and self.learn.fused_head and isinstance(self.learn.loss_func, CausalLMLoss):
+            self._bypass = head_bypass(self.learn.model)
+            self._bypass.__enter__()
 
-    def after_fit(self):
-        self._restore_head()
-        self._bypass = None  # found afresh by each fit (and validate, get_preds): the head may have changed
-        config = getattr(self.learn.model, 'config', None)
-        if config is not None and self._use_cache is not None:
-            config.use_cache = self._use_cache
+    def after_fit(self):  # idempotent: a fit that failed may run it twice
+        if self._bypass is not None:
+            self._bypass.__exit__(None, None, None)
+            self._bypass = None
+        if self._config is not None:
+            self._config.use_cache = self._use_cache
+            self._config = None
 
     def before_batch(self):
         self.learn.xb = tuple(_plain(x) for x in self.xb)
         self.learn.yb = tuple(_plain(y) for y in self.yb)
-        if self._bypass is not None and len(self.yb):
-            self._bypass.__enter__()
 
     def after_pred(self):
         pred = self.pred
         pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
-        if self._bypass is not None and self._bypass.active:
-            self._restore_head()
-            device = pred.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            pred = HeadInput(pred, self._bypass.head, dtype)
-        self.learn.pred = pred
-
-    def after_batch(self):
-        self._restore_head()
-
-    def _restore_head(self):
         if self._bypass is not None:
-            self._bypass.__exit__(None, None, None)
+            pred = HeadInput(pred, self._bypass.head, self.learn.precision)
+        self.learn.pred = pred
 
 
 class MixCallback(Callback):
     """Keeps the mix sampler's place, so the next fit resumes the epoch, and counts trained tokens per corpus.
 
     `lr_find` runs are not counted and do not move the sampler: the data order after it is the same.
-    Counts stay on the device during the fit and are added to `dls.trained_tokens` at its end.
+    Counts stay on the device during the fit and are handed to `dls.record_trained` at its end.
     """
 
     order = 5
 
     def before_fit(self):
-        self.sampler = getattr(self.dls.train, 'sampler', None)
-        self.active = self.sampler is not None and not hasattr(self.learn, 'lr_finder')
+        self.sampler = self.dls.train.sampler
+        self.active = not hasattr(self.learn, 'lr_finder')
         self.counts = None
 
     def after_batch(self):
@@ -107,61 +102,22 @@ class MixCallback(Callback):
         labels, corpus = self.yb[0], self.yb[1]
         self.sampler.advance(len(labels))
         tokens = (labels != IGNORE_INDEX).sum(-1)
-        n = len(self.dls.packed.names)
-        counts = torch.zeros(n, dtype=torch.long, device=tokens.device).index_add_(0, corpus.long(), tokens)
+        counts = torch.zeros(len(self.dls.names), dtype=torch.long, device=tokens.device)
+        counts.index_add_(0, corpus.long(), tokens)
         self.counts = counts if self.counts is None else self.counts + counts
 
     def after_fit(self):
         if self.counts is not None:
-            before = self.dls.trained_tokens
-            self.dls._trained_tokens = [a + int(b) for a, b in zip(before, self.counts.tolist())]
+            self.dls.record_trained(self.counts.tolist())
             self.counts = None
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), where autocast pays off."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read(1 << 16)
-    except OSError:
-        return False
-    return any(flag in flags for flag in (' avx512_bf16', ' amx_bf16', ' bf16'))
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for fp32."""
-    device = torch.device(device)
-    if precision not in ('auto', 'bf16', 'fp16', 'fp32'):
-        raise ValueError(f"precision={precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
-    if precision == 'fp32':
-        return None
-    cuda = device.type == 'cuda'
-    if precision == 'fp16':
-        if not cuda:
-            raise ValueError(
-                f"precision='fp16' needs a CUDA GPU (the model is on {device.type}): fp16 autocast elsewhere is slow "
-                "and has no loss scaling; use 'bf16' or 'fp32'"
-            )
-        return torch.float16
-    if precision == 'bf16':
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16: use precision='fp16' (with loss scaling) or 'fp32'")
-        if device.type not in ('cpu', 'cuda'):
-            raise ValueError(f"bf16 autocast is supported here on CPU and CUDA, not {device.type}: use 'fp32'")
-        return torch.bfloat16
-    # auto: the fastest safe choice
-    if cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == 'cpu' and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
 
 
 class TrainStepCallback(Callback):
     """Everything between the forward pass and the optimizer step, in one explicit order.
 
-    1. autocast the forward pass to `dtype` on the model's device (bf16, or fp16 on CUDA); the loss
-       and metrics are computed outside it, in fp32 (the fused head runs its matmuls in `dtype`);
+    1. autocast the forward pass to `learn.precision` on the model's device (bf16, or fp16 on CUDA);
+       the loss and metrics are computed outside it, in fp32 (the fused head runs its matmuls in
+       that dtype);
     2. with `accum_steps` > 1, backpropagate each micro-batch's summed token loss and step every
        `accum_steps` micro-batches (and at the end of an epoch), dividing the gradients by the
        tokens of the whole window: exactly the gradient of one large batch;
@@ -171,26 +127,26 @@ class TrainStepCallback(Callback):
 
     order = 20
 
-    def __init__(self, dtype: torch.dtype | None = None, accum_steps: int = 1, clip: float | None = 1.0):
+    def __init__(self, accum_steps: int = 1, clip: float | None = 1.0):
         if not isinstance(accum_steps, int) or accum_steps < 1:
             raise ValueError(f'accum_steps must be a whole number >= 1, got {accum_steps!r}')
         if clip is not None and not clip > 0:
             raise ValueError(f'clip must be a positive gradient norm or None, got {clip!r}')
-        self.dtype, self.accum_steps, self.clip = dtype, accum_steps, clip
+        self.accum_steps, self.clip = accum_steps, clip
         self._autocast, self.scaler = None, None
 
     def before_fit(self):
+        self.dtype = self.learn.precision
         self.device_type = next(self.learn.model.parameters()).device.type
         if self.dtype == torch.float16 and self.device_type != 'cuda':
             raise ValueError("fp16 needs a CUDA GPU: use precision='bf16' or 'fp32'")
         self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
         self.count, self.window_tokens = 0, 0
 
-    # 1. autocast
+    # 1. autocast, around the forward pass only
     def before_batch(self):
-        if self.dtype is not None:
-            self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
-            self._autocast.__enter__()
+        self._autocast = autocast(self.device_type, self.dtype)
+        self._autocast.__enter__()
 
     def after_pred(self):
         self._leave_autocast()
@@ -198,8 +154,10 @@ class TrainStepCallback(Callback):
     def after_batch(self):
         self._leave_autocast()
 
-    def after_fit(self):
+    def after_fit(self):  # also after a fit that failed inside the forward pass
         self._leave_autocast()
+        if self.learn.opt is not None:
+            self.learn.opt.zero_grad()  # no half-accumulated gradient carries into the next fit
 
     def _leave_autocast(self):
         if self._autocast is not None:

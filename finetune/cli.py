@@ -16,9 +16,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ['main', 'TrainConfig', 'load_config']
+from .precision import PRECISIONS
 
-PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
+__all__ = ['main', 'TrainConfig', 'load_config']
 
 
 @dataclass

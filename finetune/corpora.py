@@ -30,6 +30,7 @@ RECORD_SUFFIXES = ('.jsonl', '.csv', '.parquet')  # one document per record
 CHUNK_CHARS = 1 << 20  # characters decoded at a time from a text file; a long document streams in pieces
 RECORD_BATCH = 1024  # records read at a time from parquet files and datasets
 _HASH_CHUNK = 1 << 22
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # a document may be one huge field
 
 # `errors='replace'` counts its replacements through a codec error handler of our own.
 _replacements: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar('finetune_replacements', default=None)
@@ -317,10 +318,22 @@ def _jsonl_texts(path: Path, field: str, errors: str, corpus: Corpus) -> Iterato
             yield text
 
 
+def _csv_rows(reader) -> Iterator[list[str]]:
+    """The reader's rows, read with no field-size limit; the process-wide limit is put back around each row."""
+    while True:
+        old = csv.field_size_limit(CSV_FIELD_LIMIT)
+        try:
+            row = next(reader, None)
+        finally:
+            csv.field_size_limit(old)
+        if row is None:
+            return
+        yield row
+
+
 def _csv_texts(path: Path, field: str, errors: str, corpus: Corpus) -> Iterator[str]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with _decoding(path, corpus), _open_text(path, errors, newline='') as f:
-        reader = csv.reader(f)
+        reader = _csv_rows(csv.reader(f))
         header = next(reader, None) or []
         if field not in header:
             raise ValueError(

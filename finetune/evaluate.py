@@ -1,61 +1,26 @@
-"""How a causal LM is scored: the next-token loss and token-weighted perplexity.
+"""Evaluation: token-weighted perplexity, overall and per corpus, during a fit and of any model on whole corpora.
 
-The loss is the mean cross-entropy over real target tokens (labels of -100 are ignored), computed
-in fp32 whatever precision produced the logits. Perplexity accumulates sums of token losses and
-token counts, never logits, and stays on the device until it is read, so it costs no host sync
-per batch.
+The metrics accumulate the sums of token losses and token counts that `CausalLMLoss` keeps per
+row, never logits, and stay on the device until read, so they cost no host sync per batch.
+`corpus_perplexity` scores a model on each corpus's full token stream, with the fused head where
+the model allows it.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from fastai.learner import Metric
 
-from .head_loss import IGNORE_INDEX, HeadInput, head_bypass, linear_cross_entropy, supports_head_bypass
+from .corpora import Corpus
+from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, supports_head_bypass
+from .models import eval_mode
+from .precision import autocast, resolve_precision
+from .tokens import PackedBlocks, build_token_store
 
-__all__ = ['CausalLMLoss', 'Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'IGNORE_INDEX']
-
-
-class CausalLMLoss:
-    """Mean next-token cross-entropy over the labels that are not `IGNORE_INDEX`.
-
-    Labels are already shifted (the data pipeline cuts `seq_len + 1` windows), so `labels[:, t]`
-    is the target for `logits[:, t]`. Given a `HeadInput` (final hidden states and the LM head, from
-    a fit with the fused head) it computes the same loss with `linear_cross_entropy`, without
-    materialising the logits. Each call also keeps the detached per-row loss sums and
-    token counts (`row_loss`, `row_tokens`), which the per-corpus metrics read instead of
-    recomputing anything.
-    """
-
-    row_loss: torch.Tensor | None = None
-    row_tokens: torch.Tensor | None = None
-    reduction: str = 'mean'  # 'none' gives each row's mean token loss (fastai sets it in get_preds)
-
-    def __call__(self, logits: torch.Tensor | HeadInput, labels: torch.Tensor, *_) -> torch.Tensor:
-        labels = labels.long()
-        real = labels != IGNORE_INDEX
-        self.row_tokens = real.sum(-1)
-        if isinstance(logits, HeadInput) and (self.reduction == 'mean' or not torch.is_grad_enabled()):
-            total, token_loss = linear_cross_entropy(logits.hidden, logits.head, labels, logits.dtype)
-            self.row_loss = token_loss.sum(-1)
-            if self.reduction == 'none':
-                return self.row_loss / self.row_tokens.clamp(min=1)
-            return total / real.sum().clamp(min=1)
-        if isinstance(logits, HeadInput):  # per-row losses to differentiate: materialise the logits
-            logits = logits.logits()
-        token_loss = F.cross_entropy(
-            logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction='none'
-        ).view(labels.shape)
-        self.row_loss = token_loss.detach().sum(-1)
-        if self.reduction == 'none':
-            return token_loss.sum(-1) / self.row_tokens.clamp(min=1)
-        return token_loss.sum() / real.sum().clamp(min=1)
-
-    def __repr__(self) -> str:
-        return 'CausalLMLoss()'
+__all__ = ['Perplexity', 'CorpusPerplexity', 'corpus_perplexity']
 
 
 class _TokenPerplexity(Metric):
@@ -124,18 +89,12 @@ def corpus_perplexity(
     import pandas as pd
     from fastprogress.fastprogress import progress_bar
 
-    from .callbacks import resolve_precision
-    from .corpora import Corpus
-    from .tokens import PackedBlocks, build_token_store
-
     corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
     loss_func, rows = CausalLMLoss(), []
-    was_training = model.training
-    bypass = head_bypass(model) if supports_head_bypass(model) else None  # no full logits here either
-    model.eval()
-    try:
+    fused = supports_head_bypass(model)  # no full logits here either
+    with eval_mode(model), head_bypass(model) if fused else nullcontext() as head:
         for corpus in corpora:
             store = build_token_store(corpus, tokenizer, cache)
             blocks = PackedBlocks(store.ids, [(0, store.n_tokens)], seq_len)
@@ -151,17 +110,11 @@ def corpus_perplexity(
                     [torch.from_numpy(blocks[i].astype('int64')) for i in range(start, min(n, start + bs))]
                 )
                 batch = batch.to(device)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    if bypass is None:
-                        pred = model(input_ids=batch[:, :-1]).logits
-                    else:
-                        with bypass:
-                            pred = HeadInput(model(input_ids=batch[:, :-1]).logits, bypass.head, dtype)
-                loss_func(pred, batch[:, 1:])
+                with autocast(device.type, dtype):
+                    pred = model(input_ids=batch[:, :-1]).logits
+                loss_func(HeadInput(pred, head, dtype) if fused else pred, batch[:, 1:])
                 total = total + loss_func.row_loss.sum()
                 count = count + loss_func.row_tokens.sum()
             total, count = float(total), int(count)
             rows.append({'corpus': corpus.name, 'tokens': count, 'perplexity': math.exp(total / count)})
-    finally:
-        model.train(was_training)
     return pd.DataFrame(rows)

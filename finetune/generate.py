@@ -1,8 +1,14 @@
-"""Text generation with the model's own `generate`: batched prompts, KV cache, sampling options."""
+"""Text generation with the model's own `generate`: batched prompts, KV cache, sampling options.
+
+Prompts are padded on the left here, for the call only: the user's tokenizer is never changed (its
+`padding_side`, its pad token), and one without a pad token pads with EOS under the attention mask.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .models import eval_mode
 
 __all__ = ['generate']
 
@@ -29,29 +35,38 @@ def generate(
         raise ValueError(f'max_new_tokens must be at least 1, got {max_new_tokens}')
     if do_sample and temperature <= 0:
         raise ValueError(f'temperature must be positive when sampling, got {temperature}')
-    side = tokenizer.padding_side
-    tokenizer.padding_side = 'left'  # decoder-only models continue from the right end
-    try:
-        enc = tokenizer(batch, return_tensors='pt', padding=True)
-    finally:
-        tokenizer.padding_side = side
+    pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items() if k in ('input_ids', 'attention_mask')}
+    input_ids, attention_mask = _left_padded(tokenizer(batch)['input_ids'], pad, device)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.generate(
-            **enc,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad,
             use_cache=True,
             **sampling,
             **kwargs,
         )
-    finally:
-        model.train(was_training)
-    start = 0 if return_prompt else enc['input_ids'].shape[1]
+    start = 0 if return_prompt else input_ids.shape[1]
     texts = tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
     return texts[0] if single else texts
+
+
+def _pad_id(tokenizer) -> int:
+    """The id that fills the left of shorter prompts: the pad token, else EOS (masked out either way)."""
+    for name in ('pad_token_id', 'eos_token_id'):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f'tokenizer {type(tokenizer).__name__} has neither a pad token nor an EOS token to pad prompts')
+
+
+def _left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left (decoder-only models continue from the right end) and their attention mask."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask

@@ -21,36 +21,38 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import fastai.callback.progress  # noqa: F401  (registers the progress bars for every Learner)
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_find live there)
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
 
+from .cache import atomic_folder, cache_folder
 from .callbacks import (
     CompileBlocksCallback,
     HFCausalLMCallback,
     MixCallback,
     SyncFreeProgressCallback,
     TrainStepCallback,
-    resolve_precision,
 )
-from .evaluate import CausalLMLoss, CorpusPerplexity, Perplexity
+from .data import LMDataLoaders
+from .evaluate import CorpusPerplexity, Perplexity
 from .generate import generate
-from .head_loss import supports_head_bypass
 from .lora import add_lora, is_peft_model, save_lora
-from .models import ensure_pad_token, load_model, load_tokenizer, model_context_length
-from .splitter import decoder_groups, decoder_splitter, norm_bias_params
+from .loss import CausalLMLoss, supports_head_bypass
+from .models import load_model, load_tokenizer, model_context_length
+from .precision import resolve_precision
+from .splitter import LayerGroup, decoder_groups, norm_bias_params
 
 __all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
 
@@ -59,28 +61,33 @@ LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a large
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, fused where it can be, except that parameters in `no_decay` (norms, biases) get no decay.
+    """torch's AdamW, fused where it can be, with no weight decay on 1-D tensors (norm weights, biases).
 
     torch's fused kernel updates each parameter in one pass (5x faster than its foreach default for
     SmolLM2 on this CPU: 155 vs 788 ms a step); it is used when every parameter is a floating-point
-    tensor on the CPU or a CUDA device, as the HF Trainer's default `adamw_torch_fused` does.
+    tensor on the CPU or a CUDA device, as the HF Trainer's default `adamw_torch_fused` does. Decay
+    goes to matrices only (embeddings, projections, LoRA factors), the rule of nanoGPT and the HF
+    Trainer; `decay_1d=True` (fastai's `wd_bn_bias`) decays every tensor.
     """
 
-    no_decay: set[int] = set()
-
-    def __init__(self, params, *args, fused: bool | None = None, **kwargs):
+    def __init__(self, params, *args, fused: bool | None = None, decay_1d: bool = False, **kwargs):
         params = list(params)
         if fused is None:
             tensors = [t for g in params for t in (g['params'] if isinstance(g, dict) else [g])]
             fused = bool(tensors) and all(t.is_floating_point() and t.device.type in ('cpu', 'cuda') for t in tensors)
         super().__init__(params, *args, fused=fused, **kwargs)
+        self.decay_1d = decay_1d
+
+    def decays(self, p: torch.Tensor) -> bool:
+        """Whether weight decay applies to `p`."""
+        return self.decay_1d or p.ndim > 1
 
     @torch.no_grad()
     def step(self, closure=None):
         saved = [g['weight_decay'] for g in self.param_groups]
         for g in self.param_groups:  # decoupled decay first, exactly as AdamW does, on the decayed params only
             if g['weight_decay']:
-                decay = [p for p in g['params'] if p.grad is not None and id(p) not in self.no_decay]
+                decay = [p for p in g['params'] if p.grad is not None and self.decays(p)]
                 if decay:
                     torch._foreach_mul_(decay, 1 - g['lr'] * g['weight_decay'])
             g['weight_decay'] = 0.0
@@ -106,19 +113,84 @@ class _SlimPreds(Callback):
 
 
 class CausalLMLearner(Learner):
-    """A fastai `Learner` for causal LMs: layer groups, LLM-sized `fine_tune`, generation, HF export."""
+    """A fastai `Learner` for causal LMs: layer groups, LLM-sized `fine_tune`, generation, HF export.
 
-    tokenizer = None
-    n_groups: int | None = None
-    only: set[int] | None = None  # with LoRA: the ids of the adapter parameters, the only ones grouped
+    Built complete by its constructor (usually through `causal_lm_learner`): the tokenizer, the
+    layer groups, the precision and the fused head are arguments, and the callbacks that apply them
+    are added here. A fit that ends with an exception (Ctrl-C, out of memory, an error in a hook)
+    first ends like a cancelled one: every callback's `after_cancel_fit` and `after_fit` run, so
+    the model is left exactly as before the fit (head, config, no autocast, no stray gradients).
+    """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        dls,
+        model,
+        *,
+        tokenizer=None,  # for generation and export
+        precision: torch.dtype | None = None,  # autocast dtype of the forward pass; None: fp32
+        fused_head: bool = False,  # LM head + loss in chunks (see `loss.py`); needs `CausalLMLoss`
+        n_groups: int | None = None,  # decoder-block groups (see `splitter.decoder_groups`)
+        only: set[int] | None = None,  # ids of the only parameters grouped and trained (LoRA adapters)
+        accum_steps: int = 1,  # micro-batches per optimizer step
+        clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
+        compile: bool | dict = False,  # torch.compile each decoder block while fitting
+        loss_func=None,  # default `CausalLMLoss()`
+        cbs=None,  # more fastai callbacks
+        **kwargs,  # passed to `Learner`
+    ):
+        self.tokenizer, self.precision, self.fused_head = tokenizer, precision, fused_head
+        self.n_groups, self.only = n_groups, only
+        self._groups_of = None  # (model, groups): found once per model
+        own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
+        if isinstance(dls, LMDataLoaders):
+            own.append(MixCallback())
+        if compile:
+            own.append(CompileBlocksCallback(**(compile if isinstance(compile, dict) else {})))
+        super().__init__(
+            dls,
+            model,
+            loss_func=CausalLMLoss() if loss_func is None else loss_func,
+            splitter=self._splitter,
+            cbs=[*own, *L(cbs)],
+            **kwargs,
+        )
         if type(getattr(self, 'progress', None)) is ProgressCallback:  # fastai's reads the loss every batch
             self.remove_cb(self.progress)
             self.add_cb(SyncFreeProgressCallback())
+        self.layer_groups()  # checks n_groups now, not at the first fit
+
+    # --- a fit that is safe to interrupt ---
+    def _do_fit(self):
+        try:
+            super()._do_fit()
+        except CancelFitException:
+            raise  # fastai runs after_cancel_fit and after_fit itself
+        except BaseException:
+            self._end_failed_fit()
+            raise
+
+    def _end_failed_fit(self):
+        """Run `after_cancel_fit` and `after_fit` on every callback, each on its own, as a cancelled fit would."""
+        for event in ('after_cancel_fit', 'after_fit'):
+            for cb in self.cbs.sorted('order'):
+                try:
+                    cb(event)
+                except Exception as e:  # keep cleaning up; the original exception is what propagates
+                    message = f'{type(cb).__name__}.{event} failed while ending an interrupted fit: {e!r}'
+                    warnings.warn(message, stacklevel=3)
+        self._end_cleanup()
 
     # --- layer groups and freezing ---
+    def layer_groups(self) -> list[LayerGroup]:
+        """Embeddings | decoder-block groups | norm + head, found once per model (it takes a forward pass)."""
+        if self._groups_of is None or self._groups_of[0] is not self.model:
+            self._groups_of = (self.model, decoder_groups(self.model, self.n_groups, self.only))
+        return self._groups_of[1]
+
+    def _splitter(self, model) -> list[list[torch.nn.Parameter]]:
+        return [g.params for g in self.layer_groups()]
+
     def groups(self):
         """Each group's modules, parameter count, trainable count and current LR, as a DataFrame."""
         import pandas as pd
@@ -126,7 +198,7 @@ class CausalLMLearner(Learner):
         if self.opt is None:
             self.create_opt()
         rows = []
-        for i, (g, hyper) in enumerate(zip(self._groups(), self.opt.hypers)):
+        for i, (g, hyper) in enumerate(zip(self.layer_groups(), self.opt.hypers)):
             rows.append(
                 {
                     'group': i,
@@ -139,18 +211,9 @@ class CausalLMLearner(Learner):
             )
         return pd.DataFrame(rows)
 
-    def _groups(self):
-        return decoder_groups(self.model, self.n_groups, self.only)
-
     def _bn_bias_state(self, with_bias):
         # fastai's own search knows BatchNorm and LayerNorm only; this one also finds RMSNorm-style layers
         return L(norm_bias_params(self.model, with_bias)).map(self.opt.state)
-
-    def create_opt(self):
-        super().create_opt()
-        inner = getattr(self.opt, 'opt', None)
-        if isinstance(inner, AdamW) and not self.wd_bn_bias:
-            inner.no_decay = {id(p) for p in norm_bias_params(self.model)}
 
     def freeze_to(self, n: int):
         if self.opt is None:
@@ -216,7 +279,7 @@ class CausalLMLearner(Learner):
     ):
         """fastai's `fine_tune` (frozen phase, then discriminative LRs), with defaults sized for LLMs."""
         base_lr = self.lr if base_lr is None else base_lr
-        groups = self._groups()  # finding them runs a tiny forward pass: once
+        groups = self.layer_groups()
         n = len(groups)
         if n < 2 or freeze_epochs == 0:
             if n < 2 and freeze_epochs:
@@ -238,14 +301,22 @@ class CausalLMLearner(Learner):
         self.fit_one_cycle(epochs, lrs, pct_start=pct_start, div=div, **kwargs)
 
     def lr_find(self, *args, **kwargs):
-        """fastai's `lr_find`, leaving weights, optimizer, RNG states and data order as they were."""
+        """fastai's `lr_find`, leaving weights, optimizer, RNG states and data order as they were.
+
+        fastai keeps the weights in a file under `learn.path` while it runs; here that file lives in
+        a temporary folder of the cache, so nothing is written where the user did not ask.
+        """
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         sampler = getattr(self.dls.train, 'sampler', None)
         state = sampler.state_dict() if sampler is not None else None
+        path, model_dir = self.path, self.model_dir
         try:
-            return super().lr_find(*args, **kwargs)
+            with tempfile.TemporaryDirectory(prefix='lr_find-', dir=cache_folder('tmp')) as tmp:
+                self.path, self.model_dir = Path(tmp), 'models'
+                return super().lr_find(*args, **kwargs)
         finally:
+            self.path, self.model_dir = path, model_dir
             random.setstate(rng[0])
             np.random.set_state(rng[1])
             torch.set_rng_state(rng[2])
@@ -273,26 +344,19 @@ class CausalLMLearner(Learner):
         A plain model reloads with `AutoModelForCausalLM.from_pretrained(path)` and gives the same
         logits. With LoRA, `merged=False` writes the adapter (load it with peft), `merged=True` a
         plain model with the adapters merged in. An existing non-empty folder is left alone unless
-        `overwrite=True`; files are written to a temporary folder first, then moved into place.
+        `overwrite=True`. The folder is written through `cache.atomic_folder`: whenever the
+        process is killed, `path` holds either the whole old export or the whole new one.
         """
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
             raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}-', dir=path.parent))
-        try:
+        with atomic_folder(path, overwrite=overwrite) as tmp:
             if is_peft_model(self.model):
                 save_lora(self.model, tmp, merged)
             else:
                 self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 
@@ -310,12 +374,13 @@ def causal_lm_learner(
     compile: bool | dict = False,  # torch.compile each decoder block while fitting (a dict: torch.compile options)
     lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
     lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
-    wd: float = 0.0,  # decoupled weight decay (never on norms and biases)
-    opt_func=adamw,  # optimizer constructor taking fastai param groups
+    wd: float = 0.0,  # decoupled weight decay (on matrices only, unless wd_bn_bias=True)
+    opt_func=None,  # optimizer constructor taking fastai param groups; default `adamw`
     loss_func=None,  # defaults to `CausalLMLoss()`: mean next-token cross-entropy
     metrics=None,  # defaults to perplexity, plus one `ppl_<corpus>` per corpus when there are several
     cbs=None,  # extra fastai callbacks
     train_bn: bool = False,  # keep norms and biases of frozen groups training (fastai's default is True)
+    wd_bn_bias: bool = False,  # weight decay on norms and biases too
     trust_remote_code: bool = False,  # for loading `model` by name
     **kwargs,  # passed to `Learner`
 ) -> CausalLMLearner:
@@ -327,7 +392,6 @@ def causal_lm_learner(
     if tokenizer is None and isinstance(source, (str, os.PathLike)):
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
-        ensure_pad_token(tokenizer)
         _check_vocab(model, tokenizer)
     _check_seq_len(model, getattr(dls, 'seq_len', None))
     device = getattr(dls, 'device', None)
@@ -340,35 +404,32 @@ def causal_lm_learner(
     if lora:
         model = add_lora(model, lora)
         only = {id(p) for p in model.parameters() if p.requires_grad}
-    decoder_groups(model, n_groups, only)  # check n_groups now, not at the first fit
-    fused_head = _resolve_fused_head(model, fused_head, loss_func)
-    learn = CausalLMLearner(
+    return CausalLMLearner(
         dls,
         model,
-        loss_func=loss_func if loss_func is not None else CausalLMLoss(),
-        opt_func=opt_func,
+        tokenizer=tokenizer,
+        precision=dtype,
+        fused_head=_resolve_fused_head(model, fused_head, loss_func),
+        n_groups=n_groups,
+        only=only,
+        accum_steps=accum_steps,
+        clip=clip,
+        compile=compile,
+        loss_func=loss_func,
+        opt_func=opt_func if opt_func is not None else partial(adamw, decay_1d=wd_bn_bias),
         lr=lr if lr is not None else (LORA_LR if lora else DEFAULT_LR),
         wd=wd,
-        splitter=decoder_splitter(n_groups, only),
         metrics=metrics if metrics is not None else default_metrics(dls),
-        cbs=[
-            HFCausalLMCallback(fused_head),
-            *([MixCallback()] if hasattr(dls, 'packed') else []),
-            TrainStepCallback(dtype, accum_steps=accum_steps, clip=clip),
-            *([CompileBlocksCallback(**(compile if isinstance(compile, dict) else {}))] if compile else []),
-            *(cbs or []),
-        ],
+        cbs=cbs,
         train_bn=train_bn,
+        wd_bn_bias=wd_bn_bias,
         **kwargs,
     )
-    learn.tokenizer, learn.n_groups, learn.only, learn.precision = tokenizer, n_groups, only, dtype
-    learn.fused_head = fused_head
-    return learn
 
 
 def default_metrics(dls) -> list:
     """Overall perplexity, and each corpus's when the data has several."""
-    names = getattr(getattr(dls, 'packed', None), 'names', [])
+    names = dls.names if isinstance(dls, LMDataLoaders) else []
     return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]
 
 

@@ -1,9 +1,9 @@
-"""Mixing corpora by tokens: the mix a user asks for, the epoch it implies, and the sampler that draws it.
+"""Where the mix is decided: the mix a user asks for, the epoch it implies, and the sampler that draws it.
 
 `CorpusMix` holds corpora with relative `weights` (in tokens) or target `share`s of each epoch's
-training tokens. Once the corpora are packed, `plan_mix` turns that into exact per-corpus block
-counts for an epoch. `MixSampler` draws those blocks: every block of a corpus once per pass
-before any block twice (repeating a small corpus, subsampling a large one with a fresh subset
+training tokens. `pack_corpora` tokenizes and packs them (`packing.py`), then `plan_mix` turns the
+mix into exact per-corpus block counts for an epoch. `MixSampler` draws those blocks: every block
+of a corpus once per pass before any block twice (repeating a small corpus, subsampling a large one with a fresh subset
 each epoch), interleaved across corpora, from its own seeded generator, and resumable mid-epoch
 from `state_dict()`.
 """
@@ -11,13 +11,16 @@ from `state_dict()`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .corpora import Corpus
+from .mix_report import mix_report
+from .packing import PackedCorpora, split_corpora
 
-__all__ = ['CorpusMix', 'MixPlan', 'MixSampler', 'plan_mix', 'HARD_MAX_REPEATS']
+__all__ = ['CorpusMix', 'MixPlan', 'MixSampler', 'plan_mix', 'pack_corpora', 'HARD_MAX_REPEATS']
 
 HARD_MAX_REPEATS = 100  # a share that implies more repeats per epoch than this is an error unless forced
 
@@ -87,9 +90,6 @@ class CorpusMix:
 
     def report(self, tokenizer, seq_len: int = 512, valid_pct: float = 0.05, seed: int = 42, cache=None, **checks):
         """Tokenize (cached) and pack the corpora, then show what this mix means: see `finetune.mix_report`."""
-        from .data import pack_corpora
-        from .mix_report import mix_report
-
         packed = pack_corpora(self, tokenizer, seq_len=seq_len, valid_pct=valid_pct, seed=seed, cache=cache)
         return mix_report(packed, **checks)
 
@@ -157,6 +157,21 @@ def plan_mix(mix: CorpusMix, sizes: list[int], seq_len: int) -> MixPlan:
                 'add documents, or pass force=True'
             )
     return MixPlan(list(mix.names), list(sizes), draws, [fractions[n] for n in mix.names], seq_len)
+
+
+def pack_corpora(
+    corpora,  # a CorpusMix, a Corpus, or a list of them (mixed by size: every block once per epoch)
+    tokenizer,  # a Hugging Face tokenizer (fast ones tokenize in Rust on all cores)
+    seq_len: int = 512,  # tokens per training sequence
+    valid_pct: float = 0.05,  # fraction of each corpus's documents held out for validation
+    seed: int = 42,  # chooses the held-out documents
+    cache: str | os.PathLike | None = None,  # the cache folder; default $FINETUNE_CACHE or ~/.cache/finetune
+) -> PackedCorpora:
+    """Tokenize (or load from cache) each corpus, hold out validation documents, pack blocks and plan the mix."""
+    mix = corpora if isinstance(corpora, CorpusMix) else CorpusMix(corpora)
+    splits = split_corpora(mix.corpora, tokenizer, seq_len, valid_pct, seed, cache)
+    plan = plan_mix(mix, [len(s.train) for s in splits], seq_len)
+    return PackedCorpora(splits, tokenizer, seq_len, mix, plan)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The mix report: what a mix of corpora means for training, and what is wrong with it.
 
-Per corpus: documents, tokens, training and validation tokens, the weight or share asked for, the
-share of each epoch it really gets, tokens and repeats per epoch, and (after training) the tokens
-trained on. The diagnosis checks the mix against `MixChecks` thresholds and says what to do;
-each finding is also raised as a `UserWarning`.
+The one report on a mix, before training (`CorpusMix.report`, `lm_dataloaders`) and after
+(`dls.mix_report()`, which adds the tokens trained). Per corpus: documents, tokens, training and
+validation tokens, held-out documents, the weight or share asked for, the share of each epoch it
+really gets, tokens and repeats per epoch, and the tokens dropped by packing. The diagnosis checks
+the mix against `MixChecks` thresholds and says what to do; each finding is also raised as a
+`UserWarning`.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def mix_report(packed, trained_tokens: list[int] | None = None, show: bool = Tru
             'tokens': s.store.n_tokens,
             'train tokens': s.train.n_tokens,
             'valid tokens': s.valid.n_tokens,
+            'valid documents': s.valid_docs,
             'asked': _asked(mix, s.name),
             'epoch share': plan.draws[i] / epoch,
             'tokens/epoch': plan.draws[i] * seq_len,
@@ -122,8 +125,7 @@ def mix_report(packed, trained_tokens: list[int] | None = None, show: bool = Tru
         for n, d in zip(plan.names, plan.draws)
         if d == 0
     ]
-    if packed.splits[0].note or any(s.note for s in packed.splits):
-        notes += [f'corpus {s.name!r}: {s.note}' for s in packed.splits if s.note]
+    notes += [f'corpus {s.name!r}: {s.note}' for s in packed.splits if s.note]
     report = MixReport(table, diagnose(packed, MixChecks(**checks)), notes)
     for line in report.warnings:
         warnings.warn(line, stacklevel=2)

@@ -3,19 +3,27 @@
 A hub id goes through the Hugging Face cache, so it works offline once cached. A `.gguf` file is
 dequantized by transformers (with the `gguf` package), then copied into a fresh model built from
 its config without the quantization flag, so that it trains and `save_pretrained` works like any
-other model. `trust_remote_code` stays off unless the caller turns it on.
+other model. An embedded model's GGUF (from `zoo`) is converted that way once, into a
+safetensors folder in the cache. `trust_remote_code` stays off unless the caller turns it on.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .zoo import ZOO, is_zoo_name, zoo_model_dir
+from .cache import atomic_folder, cache_dir, cache_folder
+from .zoo import ZOO, is_zoo_name, zoo_gguf
 
-__all__ = ['load_model', 'load_tokenizer', 'ensure_pad_token', 'model_context_length']
+__all__ = ['load_model', 'load_tokenizer', 'ensure_pad_token', 'model_context_length', 'zoo_model_dir', 'eval_mode']
+
+ZOO_MARKER = 'finetune-zoo.json'  # written last into a converted embedded model's folder
 
 
 def _is_gguf(source) -> bool:
@@ -41,11 +49,11 @@ def _offline_hint(source, err: Exception) -> OSError:
 
 
 def load_tokenizer(source, *, trust_remote_code: bool = False, **kwargs):
-    """A tokenizer from a hub id, a local folder, a `.gguf` file or a tokenizer object; it gets a pad token."""
+    """A tokenizer from a hub id, a local folder or a `.gguf` file (it gets a pad token), or an object, unchanged."""
     from transformers import AutoTokenizer
 
     if not isinstance(source, (str, os.PathLike)):
-        return ensure_pad_token(source)
+        return source
     if is_zoo_name(source):
         source = zoo_model_dir(source)
     _check_local(source)
@@ -133,3 +141,34 @@ def model_context_length(model) -> int | None:
         if isinstance(n, int) and n > 0:
             return n
     return None
+
+
+def zoo_model_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """The safetensors folder of embedded model `name`, converted from its GGUF file on first use."""
+    if name not in ZOO:
+        raise ValueError(f'{name!r} is not an embedded model; embedded: {sorted(ZOO)} (hub ids and paths work too)')
+    final = cache_dir(cache) / 'zoo' / name
+    if (final / ZOO_MARKER).exists():
+        return final
+    entry = ZOO[name]
+    with tempfile.TemporaryDirectory(prefix=f'.{name}-gguf-', dir=cache_folder('zoo', cache=cache)) as scratch:
+        gguf = zoo_gguf(name, scratch, cache)
+        print(f'converting {gguf.name} to a trainable safetensors checkpoint (once)')
+        with atomic_folder(final, overwrite=True) as tmp:
+            _load_gguf(gguf, torch.float32).save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(gguf).save_pretrained(tmp)
+            marker = {'name': name, 'package': f'{entry.package}=={entry.version}', 'gguf_sha256': entry.member_sha256}
+            (tmp / ZOO_MARKER).write_text(json.dumps(marker))
+    return final
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode inside the block; each module's own train/eval flag as before, however it ends."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training

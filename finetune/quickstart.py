@@ -19,9 +19,9 @@ import time
 import warnings
 from pathlib import Path
 
+from .cache import cache_dir
 from .corpora import Corpus
 from .mix import CorpusMix
-from .tokens import cache_dir
 
 __all__ = ['python_reference_corpus', 'stdlib_docstrings_corpus', 'run_quickstart', 'PROMPT']
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models import eval_mode
+
 DEFAULT_GROUPS = 4  # block groups: with embeddings and head, six LR levels, as many as ULMFiT's LSTM had
 
 __all__ = [
@@ -148,18 +150,15 @@ def _execution_order(model: nn.Module) -> dict[str, int]:
             order.setdefault(name, len(order))
 
         hooks.append(module.register_forward_pre_hook(record))
-    was_training = model.training
     try:
         device = next(model.parameters()).device
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
     except Exception:  # a model that needs more than input_ids: fall back to registration order
         order.clear()
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return order
 
 

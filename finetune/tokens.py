@@ -3,8 +3,8 @@
 A `TokenStore` is a flat memory-mapped array of token ids (uint16 when the vocabulary fits, else
 uint32), with the end-of-sequence token after every document, plus the offset where each document
 starts. It is built with the tokenizer's batch API (Rust, all cores) and cached under a key of
-the corpus's contents, the tokenizer and `FORMAT_VERSION`; entries are written to a temporary
-folder and renamed into place, so a killed build never leaves half an entry.
+the corpus's contents, the tokenizer and `FORMAT_VERSION`; entries are written through
+`cache.atomic_folder`, so a killed build never leaves half an entry.
 
 `PackedBlocks` cuts a stream of token spans into windows of `seq_len + 1` tokens (inputs and
 shifted targets) with a stride of `seq_len`, so every token but the first is a target exactly once;
@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .cache import atomic_folder, cache_dir, cache_folder
 from .corpora import Corpus, ReadStats
 
 __all__ = [
@@ -30,20 +29,12 @@ __all__ = [
     'TokenStore',
     'PackedBlocks',
     'build_token_store',
-    'cache_dir',
     'tokenizer_fingerprint',
 ]
 
 FORMAT_VERSION = 2  # 2: per-document content hashes, unknown-token count
 BATCH_CHARS = 1 << 22  # characters handed to the tokenizer per batch call
 PROGRESS_BYTES = 1 << 22  # corpora larger than this show a progress bar while they are tokenized
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `path`, else `$FINETUNE_CACHE`, else `~/.cache/finetune`."""
-    if path is None:
-        path = os.environ.get('FINETUNE_CACHE') or Path.home() / '.cache' / 'finetune'
-    return Path(path).expanduser()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -117,28 +108,18 @@ def build_token_store(
     key = hashlib.sha256(
         json.dumps([FORMAT_VERSION, corpus.fingerprint(), tokenizer_fingerprint(tokenizer)]).encode()
     ).hexdigest()[:32]
-    root = cache_dir(cache) / 'tokens'
-    final = root / key
+    final = cache_dir(cache) / 'tokens' / key
     if (final / 'meta.json').exists():
         store = TokenStore.load(final)
         corpus.stats = ReadStats(**store.meta['read_stats'])
         return store
+    cache_folder('tokens', cache=cache)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{key}-', dir=root))
-    except OSError as e:
-        raise OSError(f'cannot write the token cache under {root}: {e}; set FINETUNE_CACHE or pass cache=') from e
-    try:
-        _write_store(corpus, tokenizer, tmp, progress)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same entry first
-            if not (final / 'meta.json').exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(final) as tmp:
+            _write_store(corpus, tokenizer, tmp, progress)
+    except FileExistsError:  # another process finished the same entry first: the same content
+        if not (final / 'meta.json').exists():
+            raise
     return TokenStore.load(final)
 
 

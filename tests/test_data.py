@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import Corpus, lm_dataloaders, pack_corpora
+from finetune import Corpus, lm_datablock, lm_dataloaders, mix_report, pack_corpora
 
 
 def write_docs(folder, texts):
@@ -125,7 +125,7 @@ def test_datablock_composes(cat_corpus_dir, tokenizer, cache):
     from fastai.data.block import DataBlock
 
     packed = pack_corpora(Corpus(cat_corpus_dir), tokenizer, seq_len=16, cache=cache)
-    dblock = packed.datablock()
+    dblock = lm_datablock(packed)
     assert isinstance(dblock, DataBlock)
     dls = dblock.dataloaders(None, bs=2, num_workers=0)
     x, y, c = dls.valid.one_batch()
@@ -136,7 +136,7 @@ def test_datablock_composes(cat_corpus_dir, tokenizer, cache):
 
 def test_report_counts_dropped_tokens(cat_corpus_dir, tokenizer, cache):
     packed = pack_corpora(Corpus(cat_corpus_dir), tokenizer, seq_len=16, cache=cache)
-    row = packed.report().iloc[0]
+    row = mix_report(packed, show=False).table.iloc[0]
     split = packed.splits[0]
     assert row['tokens'] == split.store.n_tokens
     assert row['dropped tokens'] == split.train.dropped + split.valid.dropped

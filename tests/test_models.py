@@ -70,7 +70,7 @@ def test_pad_token_is_eos_and_keeps_eos_labels(fresh_tokenizer):
     # training blocks are never padded and labels never come from the pad id: an EOS label stays a label
     import numpy as np
 
-    from finetune.data import PackedBlocks
+    from finetune.tokens import PackedBlocks
 
     ids = np.array([5, 6, tok.eos_token_id, 7, 8, tok.eos_token_id], dtype=np.uint16)
     block = PackedBlocks(ids, [(0, 6)], seq_len=5)[0]

@@ -100,7 +100,7 @@ def test_killed_build_leaves_no_entry(cat_corpus_dir, tokenizer, cache, monkeypa
 def test_unwritable_cache_is_a_clear_error(cat_corpus_dir, tokenizer, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
-    with pytest.raises(OSError, match='cannot write the token cache'):
+    with pytest.raises(OSError, match='cannot write the cache under .*tokens'):
         build_token_store(Corpus(cat_corpus_dir), tokenizer, blocker)
 
 

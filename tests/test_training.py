@@ -12,7 +12,7 @@ from fastai.callback.core import Callback, CancelStepException
 from torch import nn
 
 from finetune import Corpus, causal_lm_learner, lm_dataloaders
-from finetune.callbacks import resolve_precision
+from finetune.precision import resolve_precision
 from finetune.splitter import decoder_groups, is_norm
 
 ARCHS = {
@@ -94,7 +94,7 @@ def test_bad_n_groups(dls, llama, n):
 
 
 def trainable_by_group(learn):
-    return [[p.requires_grad for p in g.params] for g in learn._groups()]
+    return [[p.requires_grad for p in g.params] for g in learn.layer_groups()]
 
 
 def test_freeze_really_freezes(dls, tokenizer):
@@ -119,7 +119,7 @@ def test_freeze_really_freezes(dls, tokenizer):
 def test_train_bn_keeps_norms_and_biases_trainable(dls, tokenizer):
     learn = causal_lm_learner(dls, tiny_gpt2(len(tokenizer)), n_groups=2, train_bn=True)
     learn.freeze()
-    frozen_group = learn._groups()[1]
+    frozen_group = learn.layer_groups()[1]
     names = {id(p): n for n, p in learn.model.named_parameters()}
     trainable = sorted(names[id(p)] for p in frozen_group.params if p.requires_grad)
     assert trainable and all(('ln_' in n) or n.endswith('bias') for n in trainable)
@@ -226,7 +226,7 @@ def test_fp32_means_no_autocast(dls, llama):
 
 
 def test_auto_precision(monkeypatch):
-    import finetune.callbacks as cb
+    import finetune.precision as cb
 
     monkeypatch.setattr(cb, 'cpu_has_native_bf16', lambda: True)
     assert resolve_precision('auto', torch.device('cpu')) == torch.bfloat16
@@ -253,8 +253,8 @@ class CaptureGrads(Callback):
 
 
 def one_step_grads(tokenizer, cache, folder, bs, accum_steps, n_batches):
+    # shuffle=False: the training loader goes through the blocks in order, to compare equal data
     dls = lm_dataloaders(Corpus(folder), tokenizer, seq_len=16, bs=bs, cache=cache, verbose=False, shuffle=False)
-    dls.train.sampler = None  # plain order, to compare equal data
     dls.train.n = bs * n_batches
     learn = causal_lm_learner(
         dls, tiny_llama(len(tokenizer)), precision='fp32', accum_steps=accum_steps, clip=None, cbs=[CaptureGrads()]
@@ -293,13 +293,21 @@ def test_gradient_checkpointing_trains(dls, llama):
     assert learn.recorder.values
 
 
-def test_no_weight_decay_on_norms_and_biases(dls, tokenizer):
-    learn = causal_lm_learner(dls, tiny_gpt2(len(tokenizer)), wd=0.5, precision='fp32')
-    ln = learn.model.transformer.h[0].ln_1.weight
-    bias = learn.model.transformer.h[0].mlp.c_fc.bias
+@pytest.mark.parametrize('wd_bn_bias', [False, True])
+def test_no_weight_decay_on_norms_and_biases(dls, tokenizer, wd_bn_bias):
+    learn = causal_lm_learner(dls, tiny_gpt2(len(tokenizer)), wd=0.5, precision='fp32', wd_bn_bias=wd_bn_bias)
+    block = learn.model.transformer.h[0]
+    watched = {'norm': block.ln_1.weight, 'bias': block.mlp.c_fc.bias, 'matrix': block.mlp.c_fc.weight}
+    before = {k: p.detach().clone() for k, p in watched.items()}
     learn.create_opt()
-    assert id(ln) in learn.opt.opt.no_decay and id(bias) in learn.opt.opt.no_decay
-    assert id(learn.model.transformer.h[0].mlp.c_fc.weight) not in learn.opt.opt.no_decay
+    learn.opt.set_hypers(lr=0.1, wd=0.5)
+    for p in learn.model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own update is 0: only the decoupled decay moves weights
+    learn.opt.step()
+    for k, p in watched.items():
+        decayed = before[k] * (1 - 0.1 * 0.5)
+        expected = decayed if (k == 'matrix' or wd_bn_bias) else before[k]
+        assert torch.allclose(p, expected), k
 
 
 def test_the_optimizer_is_torchs_fused_adamw_and_steps_like_it(dls, llama):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from gguf_fixture import write_tiny_gguf
 
+import finetune.models as models
 import finetune.zoo as zoo
 from finetune import load_model, load_tokenizer
 
@@ -54,7 +55,7 @@ def test_first_use_fetches_and_converts_then_loads_from_cache(fake_zoo, llama, t
     def no_conversion(*a):
         raise AssertionError('converted again')
 
-    monkeypatch.setattr(zoo, '_convert', no_conversion)
+    monkeypatch.setattr(models, '_load_gguf', no_conversion)
     load_model('tiny-zoo')
     assert len(fetches) == 1  # cached: no fetch, no conversion
 
@@ -76,14 +77,16 @@ def test_unknown_name_lists_the_embedded_models(monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"(?s)'smollm3-999m'.*embedded model \(smollm2-135m\).*Hub ids and paths work"):
         load_model('smollm3-999m', cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"embedded: \['smollm2-135m'\]"):
-        zoo.zoo_model_dir('nope')
+        models.zoo_model_dir('nope')
+    with pytest.raises(ValueError, match=r"embedded: \['smollm2-135m'\]"):
+        zoo.zoo_gguf('nope', tmp_path)
 
 
 def test_unwritable_cache(fake_zoo, tmp_path, monkeypatch):
     blocker = tmp_path / 'a-file'
     blocker.write_text('x')
     monkeypatch.setenv('FINETUNE_CACHE', str(blocker))
-    with pytest.raises(OSError, match='cannot write the model cache'):
+    with pytest.raises(OSError, match='cannot write the cache under .*zoo'):
         load_model('tiny-zoo')
 
 
@@ -94,6 +97,11 @@ def test_offline_and_not_cached_says_what_to_run(tmp_path, monkeypatch):
         load_model('smollm2-135m')
 
 
-def test_the_pinned_entry_is_complete():
-    entry = zoo.ZOO['smollm2-135m']
-    assert entry.version == '0.1.2' and len(entry.wheel_sha256) == 64 and len(entry.member_sha256) == 64
+@pytest.mark.parametrize('name', sorted(zoo.ZOO))
+def test_each_entry_names_the_wheel_pip_will_write(name):
+    """pip saves `package==version` as `{package with _}-{version}-py3-none-any.whl`: the name the cache looks for."""
+    entry = zoo.ZOO[name]
+    assert entry.name == name
+    assert entry.wheel == f"{entry.package.replace('-', '_')}-{entry.version}-py3-none-any.whl"
+    assert entry.member.startswith(entry.package.replace('-', '_') + '/') and entry.member.endswith('.gguf')
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in (entry.wheel_sha256, entry.member_sha256))

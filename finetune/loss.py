@@ -1,6 +1,10 @@
-"""The LM head and the cross-entropy in one chunked pass: full-vocabulary logits never exist at once.
+"""Where the loss is computed: `CausalLMLoss`, and the fused head that computes it without full logits.
 
-A causal LM's last step, `logits = lm_head(hidden)`, makes a (tokens x vocabulary) matrix that the
+`CausalLMLoss` is the mean next-token cross-entropy over real target tokens (labels of -100 are
+ignored), in fp32 whatever precision produced the logits; it keeps per-row loss sums and token
+counts for the perplexity metrics.
+
+The fused head: a causal LM's last step, `logits = lm_head(hidden)`, makes a (tokens x vocabulary) matrix that the
 loss then copies to fp32, turns into log-probabilities and differentiates: for SmolLM2 (49,152
 tokens of vocabulary) that is 1 GB per 2,048 tokens of batch before the backward pass starts, and it
 grows with `bs * seq_len`. `linear_cross_entropy` computes the same loss from the hidden states a
@@ -9,11 +13,12 @@ in the same pass (the softmax of a chunk is its gradient), so the backward pass 
 the incoming gradient. Matmuls run in the autocast dtype and the softmax in fp32, as the unfused
 path does under autocast.
 
-During a fit, `HFCausalLMCallback` swaps the model's output layer for `HeadBypass` around the
-forward pass, so the model returns its final hidden states; `learn.pred` is then a `HeadInput`
-(hidden states + the head), which `CausalLMLoss` scores with `linear_cross_entropy`. Models whose
-forward changes the logits after the head (soft-capping, logit scales) are detected by
-`supports_head_bypass` and keep the ordinary path.
+For a whole fit (or evaluation), `head_bypass` puts a `HeadBypass` in the output layer's place, so
+the model returns its final hidden states; `learn.pred` is then a `HeadInput` (hidden states + the
+head), which `CausalLMLoss` scores with `linear_cross_entropy`. The bypass holds the head's own
+parameters under the same names, so the model's parameters and `state_dict` are unchanged while it
+is in place. Models whose forward changes the logits after the head (soft-capping, logit scales)
+are detected by `supports_head_bypass` and keep the ordinary path.
 """
 
 from __future__ import annotations
@@ -24,7 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['HeadInput', 'HeadBypass', 'linear_cross_entropy', 'supports_head_bypass', 'head_bypass', 'chunk_rows']
+from .models import eval_mode
+from .precision import autocast
+
+__all__ = [
+    'IGNORE_INDEX',
+    'CausalLMLoss',
+    'HeadInput',
+    'HeadBypass',
+    'head_bypass',
+    'supports_head_bypass',
+    'linear_cross_entropy',
+    'chunk_rows',
+]
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
@@ -50,7 +67,7 @@ class HeadInput:
 
     def logits(self) -> torch.Tensor:
         """The full logits (materialised: only for small batches)."""
-        with torch.autocast(self.hidden.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(self.hidden.device.type, self.dtype):
             return self.head(self.hidden)
 
     @torch.no_grad()
@@ -67,11 +84,16 @@ class HeadInput:
 
 
 class HeadBypass(nn.Module):
-    """Stands in for the output layer during a forward pass: passes the hidden states through."""
+    """Stands in for the output layer: passes the hidden states through, holding the head's parameters.
 
-    def __init__(self, head: nn.Module):
+    Registering the head's own `weight` (and `bias`) here keeps `model.parameters()`, the optimizer's
+    groups and `model.state_dict()` exactly as they are with the head in place.
+    """
+
+    def __init__(self, head: nn.Linear):
         super().__init__()
-        self.out_features = head.out_features
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, head.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
@@ -91,7 +113,10 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
 
 
 class head_bypass:
-    """Context manager: within it, `model(...)` returns final hidden states in place of logits."""
+    """Context manager: within it, `model(...)` returns final hidden states in place of logits.
+
+    The head is put back however the block ends (exceptions and Ctrl-C included).
+    """
 
     def __init__(self, model: nn.Module):
         slot = _head_slot(model)
@@ -123,21 +148,18 @@ def supports_head_bypass(model: nn.Module) -> bool:
     """
     if _head_slot(model) is None:
         return False
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        ids = torch.tensor([[1, 2, 3]], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        with head_bypass(model) as head:
-            hidden = model(input_ids=ids, use_cache=False).logits
+        with eval_mode(model):
+            device = next(model.parameters()).device
+            ids = torch.tensor([[1, 2, 3]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            with head_bypass(model) as head:
+                hidden = model(input_ids=ids, use_cache=False).logits
         if hidden.shape[-1] != head.in_features:
             return False
         return torch.allclose(head(hidden).float(), logits, rtol=1e-4, atol=1e-4)
     except Exception:  # an architecture this check does not understand keeps the ordinary path
         return False
-    finally:
-        model.train(was_training)
 
 
 def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
@@ -228,3 +250,42 @@ def linear_cross_entropy(
         return losses.sum(), losses.view(labels.shape)
     total, losses = _LinearCrossEntropy.apply(flat, head.weight, head.bias, y, dtype)
     return total, losses.view(labels.shape)
+
+
+class CausalLMLoss:
+    """Mean next-token cross-entropy over the labels that are not `IGNORE_INDEX`.
+
+    Labels are already shifted (the data pipeline cuts `seq_len + 1` windows), so `labels[:, t]`
+    is the target for `logits[:, t]`. Given a `HeadInput` (final hidden states and the LM head, from
+    a fit with the fused head) it computes the same loss with `linear_cross_entropy`, without
+    materialising the logits. Each call also keeps the detached per-row loss sums and
+    token counts (`row_loss`, `row_tokens`), which the per-corpus metrics read instead of
+    recomputing anything.
+    """
+
+    row_loss: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
+    reduction: str = 'mean'  # 'none' gives each row's mean token loss (fastai sets it in get_preds)
+
+    def __call__(self, logits: torch.Tensor | HeadInput, labels: torch.Tensor, *_) -> torch.Tensor:
+        labels = labels.long()
+        real = labels != IGNORE_INDEX
+        self.row_tokens = real.sum(-1)
+        if isinstance(logits, HeadInput) and (self.reduction == 'mean' or not torch.is_grad_enabled()):
+            total, token_loss = linear_cross_entropy(logits.hidden, logits.head, labels, logits.dtype)
+            self.row_loss = token_loss.sum(-1)
+            if self.reduction == 'none':
+                return self.row_loss / self.row_tokens.clamp(min=1)
+            return total / real.sum().clamp(min=1)
+        if isinstance(logits, HeadInput):  # per-row losses to differentiate: materialise the logits
+            logits = logits.logits()
+        token_loss = F.cross_entropy(
+            logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction='none'
+        ).view(labels.shape)
+        self.row_loss = token_loss.detach().sum(-1)
+        if self.reduction == 'none':
+            return token_loss.sum(-1) / self.row_tokens.clamp(min=1)
+        return token_loss.sum() / real.sum().clamp(min=1)
+
+    def __repr__(self) -> str:
+        return 'CausalLMLoss()'

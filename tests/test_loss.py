@@ -9,9 +9,9 @@ from test_training import ARCHS, tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import finetune.head_loss as hl
+import finetune.loss as hl
 from finetune import CausalLMLoss, Corpus, causal_lm_learner, lm_dataloaders
-from finetune.head_loss import HeadInput, head_bypass, linear_cross_entropy, supports_head_bypass
+from finetune.loss import HeadInput, head_bypass, linear_cross_entropy, supports_head_bypass
 
 
 @pytest.fixture
