@@ -1,5 +1,5 @@
-"""Tiny offline fixtures: a BPE tokenizer trained in memory, tiny random Llama and GPT-2 models,
-and a small learnable synthetic corpus on disk."""
+"""Tiny offline fixtures: a BPE tokenizer trained in memory, tiny random models of eight architectures,
+a small learnable synthetic corpus on disk and DataLoaders over it."""
 
 import os
 import random
@@ -95,3 +95,51 @@ def cat_corpus_dir(tmp_path):
     for i, s in enumerate(sentences(120, seed=1)):
         (d / f'doc{i:03d}.txt').write_text(s + '\n')
     return d
+
+
+ARCHS = {
+    'llama': ('LlamaConfig', dict(tie_word_embeddings=True)),
+    'mistral': ('MistralConfig', {}),
+    'qwen2': ('Qwen2Config', {}),
+    'gemma': ('GemmaConfig', dict(head_dim=8)),
+    'gpt2': ('GPT2Config', {}),
+    'gpt_neox': ('GPTNeoXConfig', {}),
+    'phi': ('PhiConfig', {}),
+    'opt': ('OPTConfig', dict(ffn_dim=64, word_embed_proj_dim=32)),
+}
+
+
+def tiny(arch, vocab=100, layers=4):
+    """A 4-layer random model of architecture `arch` (a key of ARCHS), hidden size 32."""
+    import torch
+    import transformers
+
+    name, extra = ARCHS[arch]
+    cfg_cls = getattr(transformers, name)
+    if arch == 'gpt2':
+        cfg = cfg_cls(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0)
+    else:
+        kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
+        if arch != 'opt':
+            kw['intermediate_size'] = 64
+        if arch in ('llama', 'mistral', 'qwen2', 'gemma'):
+            kw['num_key_value_heads'] = 2
+        cfg = cfg_cls(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw, **extra)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture
+def dls(cat_corpus_dir, tokenizer, cache):
+    """DataLoaders of 32-token blocks, 8 a batch, over the cat corpus."""
+    from finetune import Corpus, lm_dataloaders
+
+    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(monkeypatch):
+    """`precision='auto'` means fp32 in every test, whatever this CPU has; tests of bf16 ask for it by name."""
+    import finetune.precision
+
+    monkeypatch.setattr(finetune.precision, 'cpu_has_native_bf16', lambda: False)

@@ -1,13 +1,17 @@
 """The `finetune` command: errors before any model loads, help with defaults, and train/eval/generate on a
 tiny local model. The quickstart's corpora come from this Python's own files."""
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import sentences, tiny_llama
+from transformers import AutoModelForCausalLM
 
 import finetune.cli as cli
+from finetune import Corpus, corpus_perplexity, load_tokenizer
 from finetune.quickstart import python_reference_corpus, stdlib_docstrings_corpus
 
 
@@ -114,13 +118,23 @@ def test_train_eval_generate_on_a_tiny_model(tmp_path, corpora, tiny_model_dir, 
     )
     code, out, err = run(['train', str(config), '--epochs', '1'], capsys)
     assert code == 0, err
-    assert 'epoch share' in out and 'ppl_legal' in out and (tmp_path / 'out' / 'model.safetensors').exists()
+    report = out[out.index('epoch share') :]
+    assert re.search(r'legal\s+True.*share 50%\s+50\.0%', report), report  # the share asked for, and got
+    assert 'ppl_general' in out and 'ppl_legal' in out
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / 'out')
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert len(moved) == len(list(start.parameters())), 'every weight trains (no LoRA, no freezing)'
     code, out, err = run(['eval', str(tmp_path / 'out'), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '16'],
                          capsys)  # fmt: skip
     assert code == 0, err
-    assert 'legal' in out and 'perplexity' in out
+    expected = corpus_perplexity(trained, load_tokenizer(tmp_path / 'out'), Corpus(corpora / 'legal', name='legal'),
+                                 seq_len=16, precision='fp32').perplexity[0]  # fmt: skip
+    shown = float(re.search(r'legal\s+\d+\s+([\d.]+)', out).group(1))
+    assert shown == pytest.approx(expected, rel=1e-3)
     code, out, err = run(['generate', str(tmp_path / 'out'), 'the lessee', '--max-new-tokens', '5'], capsys)
-    assert code == 0 and out.startswith('the lessee')
+    text = out.rstrip('\n').split('\r')[-1]
+    assert code == 0 and text.startswith('the lessee') and len(text) > len('the lessee')
 
 
 def test_quickstart_corpora_come_from_this_python(tmp_path):

@@ -4,12 +4,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from finetune import Corpus, causal_lm_learner, lm_dataloaders
-
-
-@pytest.fixture
-def dls(cat_corpus_dir, tokenizer, cache):
-    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
+from finetune import causal_lm_learner
 
 
 def snapshot(model):

@@ -6,14 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
+from fastai.callback.core import Callback
 from fastai.learner import Learner
+from transformers import AutoModelForCausalLM
 
 from finetune import CausalLMLoss, Corpus, causal_lm_learner, lm_dataloaders
-
-
-@pytest.fixture
-def dls(cat_corpus_dir, tokenizer, cache):
-    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
+from finetune.learner import AdamW
 
 
 def test_loss_is_token_mean_cross_entropy():
@@ -69,7 +67,7 @@ def test_default_lr_is_sized_for_llms(dls, llama):
     learn = causal_lm_learner(dls, llama)
     assert learn.lr == 1e-4 and learn.wd == 0.0
     learn.create_opt()
-    assert isinstance(learn.opt.opt, torch.optim.AdamW)
+    assert type(learn.opt.opt) is AdamW and learn.opt.opt.defaults['fused'] and not learn.opt.opt.decay_1d
 
 
 def test_generate_batched(dls, llama):
@@ -135,3 +133,107 @@ def test_learner_from_a_local_folder(dls, llama, tmp_path):
     llama.save_pretrained(tmp_path / 'm')
     learn = causal_lm_learner(dls, str(tmp_path / 'm'))
     assert type(learn.model).__name__ == 'LlamaForCausalLM' and learn.tokenizer is dls.tokenizer
+
+
+# --- a fit that is safe to interrupt ---
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+@pytest.mark.parametrize('error', [OutOfMemory, KeyboardInterrupt])
+@pytest.mark.parametrize('phase', ['train', 'valid'])
+def test_an_interrupted_fit_leaves_the_model_as_it_was(dls, tokenizer, tmp_path, precision, error, phase):
+    """An exception inside a forward pass (here a hook that raises) must not leave the head bypassed,
+    autocast entered, the KV cache off or gradients behind: the next fit, generate and export work."""
+    model = tiny_llama(len(tokenizer), tie_word_embeddings=False)  # untied: an export without the head loses it
+    learn = causal_lm_learner(dls, model, precision=precision)
+    assert learn.fused_head
+    head, use_cache = model.lm_head, model.config.use_cache
+    seen = []
+
+    def hook(module, args, output):
+        if module.training == (phase == 'train'):
+            seen.append(1)
+            if len(seen) == (2 if phase == 'train' else 1):
+                raise error('raised inside the forward pass')
+
+    handle = model.model.layers[1].register_forward_hook(hook)
+    with pytest.raises(error):
+        learn.fit(1, 1e-3)
+    handle.remove()
+    assert model.lm_head is head and model.config.use_cache == use_cache
+    assert not torch.is_autocast_enabled('cpu')
+    assert all(p.grad is None for p in model.parameters())
+    assert learn.pred is None and learn.xb == (None,)  # nothing of the failed batch is held in memory
+
+    learn.fit(1, 1e-3)
+    assert model.lm_head is head and model.config.use_cache == use_cache
+    prompt = tokenizer('the cat', return_tensors='pt').input_ids
+    with torch.no_grad():
+        expected = model.eval().generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert learn.generate('the cat', max_new_tokens=4) == tokenizer.decode(expected[0], skip_special_tokens=True)
+    path = learn.save_pretrained(tmp_path / 'out')
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_lr_find_writes_nothing_in_the_working_directory(dls, llama, tmp_path, monkeypatch):
+    work = tmp_path / 'work'
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    learn = causal_lm_learner(dls, llama, precision='fp32')
+    before = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    learn.lr_find(num_it=5, show_plot=False)
+    assert list(work.iterdir()) == []
+    assert list((tmp_path / 'cache' / 'tmp').iterdir()) == []  # its temporary folder is gone too
+    assert all(torch.equal(before[n], p) for n, p in llama.named_parameters())
+
+
+def test_an_interrupted_lr_find_puts_the_weights_back(dls, llama, monkeypatch, tmp_path):
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    learn = causal_lm_learner(dls, llama, precision='fp32')
+    before = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    steps = []
+
+    class Interrupt(Callback):
+        def after_step(self):
+            steps.append(1)
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+
+    learn.add_cb(Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        learn.lr_find(num_it=10, show_plot=False)
+    assert len(steps) == 3
+    assert all(torch.equal(before[n], p) for n, p in llama.named_parameters())
+
+
+@pytest.mark.parametrize('padding_side', ['right', 'left'])
+def test_generate_leaves_the_tokenizer_alone(fresh_tokenizer, padding_side):
+    """A tokenizer without a pad token works, and neither its pad token nor its padding side change."""
+    from finetune import generate
+
+    fresh_tokenizer.padding_side = padding_side
+    model = tiny_llama(len(fresh_tokenizer))
+    assert fresh_tokenizer.pad_token is None
+    alone = [generate(model, fresh_tokenizer, p, max_new_tokens=5) for p in ('the cat sat on', 'a')]
+    batched = generate(model, fresh_tokenizer, ['the cat sat on', 'a'], max_new_tokens=5)
+    assert batched == alone  # left padding under the attention mask changes nothing
+    assert fresh_tokenizer.pad_token is None and fresh_tokenizer.padding_side == padding_side
+
+
+def test_eval_mode_restores_each_module_however_the_block_ends(llama):
+    from finetune.models import eval_mode
+
+    llama.train()
+    llama.model.layers[0].eval()  # a mixed state, as after freezing with train_bn
+    with pytest.raises(RuntimeError), eval_mode(llama):
+        assert not any(m.training for m in llama.modules())
+        raise RuntimeError
+    assert llama.training and not llama.model.layers[0].training and llama.model.layers[1].training

@@ -3,20 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import ARCHS, tiny, tiny_llama
 from fastai.callback.core import Callback, CancelStepException
-from test_training import ARCHS, tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune.loss as hl
-from finetune import CausalLMLoss, Corpus, causal_lm_learner, lm_dataloaders
+from finetune import CausalLMLoss, Corpus, causal_lm_learner
 from finetune.loss import HeadInput, head_bypass, linear_cross_entropy, supports_head_bypass
-
-
-@pytest.fixture
-def dls(cat_corpus_dir, tokenizer, cache):
-    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
 
 
 def reference(hidden, head, labels):

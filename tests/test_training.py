@@ -7,47 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import ARCHS, tiny, tiny_gpt2, tiny_llama
 from fastai.callback.core import Callback, CancelStepException
 from torch import nn
 
 from finetune import Corpus, causal_lm_learner, lm_dataloaders
 from finetune.precision import resolve_precision
 from finetune.splitter import decoder_groups, is_norm
-
-ARCHS = {
-    'llama': ('LlamaConfig', dict(tie_word_embeddings=True)),
-    'mistral': ('MistralConfig', {}),
-    'qwen2': ('Qwen2Config', {}),
-    'gemma': ('GemmaConfig', dict(head_dim=8)),
-    'gpt2': ('GPT2Config', {}),
-    'gpt_neox': ('GPTNeoXConfig', {}),
-    'phi': ('PhiConfig', {}),
-    'opt': ('OPTConfig', dict(ffn_dim=64, word_embed_proj_dim=32)),
-}
-
-
-def tiny(arch, vocab=100, layers=4):
-    import transformers
-
-    name, extra = ARCHS[arch]
-    cfg_cls = getattr(transformers, name)
-    if arch == 'gpt2':
-        cfg = cfg_cls(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0)
-    else:
-        kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
-        if arch != 'opt':
-            kw['intermediate_size'] = 64
-        if arch in ('llama', 'mistral', 'qwen2', 'gemma'):
-            kw['num_key_value_heads'] = 2
-        cfg = cfg_cls(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw, **extra)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-@pytest.fixture
-def dls(cat_corpus_dir, tokenizer, cache):
-    return lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, seq_len=32, bs=8, cache=cache, verbose=False)
 
 
 def four_layer_llama(tokenizer):

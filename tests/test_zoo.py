@@ -102,6 +102,6 @@ def test_each_entry_names_the_wheel_pip_will_write(name):
     """pip saves `package==version` as `{package with _}-{version}-py3-none-any.whl`: the name the cache looks for."""
     entry = zoo.ZOO[name]
     assert entry.name == name
-    assert entry.wheel == f"{entry.package.replace('-', '_')}-{entry.version}-py3-none-any.whl"
+    assert entry.wheel == f'{entry.package.replace("-", "_")}-{entry.version}-py3-none-any.whl'
     assert entry.member.startswith(entry.package.replace('-', '_') + '/') and entry.member.endswith('.gguf')
     assert all(len(h) == 64 and int(h, 16) >= 0 for h in (entry.wheel_sha256, entry.member_sha256))
