@@ -192,3 +192,16 @@ def test_reading_writes_nothing(cat_corpus_dir):
     c = Corpus(cat_corpus_dir)
     docs(c), c.fingerprint()
     assert snapshot() == before
+
+
+def test_csv_reads_huge_fields_without_changing_the_process_wide_limit(tmp_path):
+    import csv
+
+    before = csv.field_size_limit()
+    big = 'word ' * (before // 5 + 1000)  # longer than csv's default field limit
+    path = tmp_path / 'big.csv'
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows([['text'], [big], ['small']])
+    docs = list(Corpus(path).documents())
+    assert docs == [big, 'small']
+    assert csv.field_size_limit() == before
