@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the training corpus, a step timer, peak RSS and child processes."""
+"""What the benchmark scripts share: the training corpus, the plain loop, a step timer, peak RSS and child processes."""
 
 from __future__ import annotations
 
@@ -39,6 +39,44 @@ def step_timer():
             self._last = now
 
     return StepTimes()
+
+
+PLAIN_PHASES = ('forward (with loss)', 'backward', 'clipping (+ accumulation)', 'optimizer step', 'zero_grad')
+
+
+def plain_loop(model, batches, precision: str, lr: float):
+    """The plain PyTorch loop, the floor any wrapper must not fall below (BENCH.md workload 1).
+
+    `run(steps)` trains on the first `steps` batches and returns, per step, the `perf_counter` time
+    before it and at the end of each of `PLAIN_PHASES`.
+    """
+    import torch
+
+    from finetune.precision import autocast
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    dtype = torch.bfloat16 if precision == 'bf16' else None
+    model.train()
+
+    def run(steps: int) -> list[list[float]]:
+        out = []
+        for x in batches[:steps]:
+            t = [time.perf_counter()]
+            with autocast('cpu', dtype):
+                loss = model(input_ids=x, labels=x).loss
+            t.append(time.perf_counter())
+            loss.backward()
+            t.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            t.append(time.perf_counter())
+            opt.step()
+            t.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            t.append(time.perf_counter())
+            out.append(t)
+        return out
+
+    return run
 
 
 def peak_rss_gib() -> float:

@@ -19,6 +19,7 @@ import warnings
 from collections import defaultdict
 
 import torch
+from common import PLAIN_PHASES, plain_loop
 from train_throughput import BS, SEQ_LEN, data
 
 EVENTS = ('before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step')
@@ -83,27 +84,11 @@ def profile_learner(model, dls, precision, steps):
 
 
 def profile_plain(model, batches, precision, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    model.train()
+    loop = plain_loop(model, batches, precision, lr=1e-5)
+    names = (*PLAIN_PHASES[:-1], 'zero_grad + callbacks after the step')
 
     def run():
-        out = []
-        for x in batches[:steps]:
-            t0 = time.perf_counter()
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
-                loss = model(input_ids=x, labels=x).loss
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            t3 = time.perf_counter()
-            opt.step()
-            t4 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            t5 = time.perf_counter()
-            out.append({'forward (with loss)': t1 - t0, 'backward': t2 - t1, 'clipping (+ accumulation)': t3 - t2,
-                        'optimizer step': t4 - t3, 'zero_grad + callbacks after the step': t5 - t4})  # fmt: skip
-        return out[1:]
+        return [{n: b - a for n, a, b in zip(names, t, t[1:])} for t in loop(steps)][1:]
 
     return run
 

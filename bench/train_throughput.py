@@ -24,7 +24,7 @@ import time
 import warnings
 
 import torch
-from common import peak_rss_gib, reference_dls, run_child, step_timer
+from common import peak_rss_gib, plain_loop, reference_dls, run_child, step_timer
 
 SEQ_LEN, BS = 256, 4
 PEAK_FLOPS = {'bf16': 900e9, 'fp32': 200e9}  # 2-core CPU peak matmul, BENCH.md
@@ -54,23 +54,12 @@ def finetune_side(model, dls, precision, **options):
 
 
 def plain_side(model, batches, precision):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    model.train()
+    """The plain loop; a step's time runs from one step's end to the next one's, as for the other sides."""
+    loop = plain_loop(model, batches, precision, lr=1e-4)
 
     def run(steps):
-        times, last = [], None
-        for x in batches[:steps]:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            now = time.perf_counter()
-            if last is not None:
-                times.append(now - last)
-            last = now
-        return times
+        ends = [t[-1] for t in loop(steps)]
+        return [b - a for a, b in zip(ends, ends[1:])]
 
     return run
 

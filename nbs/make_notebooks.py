@@ -19,13 +19,14 @@ HERE = Path(__file__).parent
 md, code = new_markdown_cell, new_code_cell
 
 SETUP = code(
-    'import os, warnings\n'
+    'import os\n'
+    'import warnings\n'
     "STEPS = int(os.environ.get('FINETUNE_NB_STEPS', 60))  # CI runs fewer steps of the same code\n"
     "warnings.filterwarnings('ignore', category=FutureWarning)"
 )
 CORPORA = code(
     'from pathlib import Path\n'
-    'from finetune import Corpus, CorpusMix\n'
+    'from finetune import CorpusMix\n'
     'from finetune.quickstart import python_reference_corpus, stdlib_docstrings_corpus\n'
     "data = Path('data')\n"
     "reference = python_reference_corpus(data / 'python_reference')   # target: the language reference\n"
@@ -43,8 +44,8 @@ DATA = (
 QUICKSTART = [
     md(
         '# 00 · Quickstart: the five steps of domain fine-tuning\n\n'
-        "We fine-tune SmolLM2-135M-Instruct (embedded: no hub needed) on the Python language reference, mixed "
-        'with general text so it does not forget, and measure each corpus\'s perplexity before and after.'
+        'We fine-tune SmolLM2-135M-Instruct (embedded: no hub needed) on the Python language reference, mixed '
+        "with general text so it does not forget, and measure each corpus's perplexity before and after."
     ),
     SETUP,
     md('## 1. Data gathering\nTwo corpora every Python install has: the target domain and general text.'),
@@ -56,7 +57,9 @@ QUICKSTART = [
         "tok = load_tokenizer('smollm2-135m')\n"
         'mix.report(tok, seq_len=256);'
     ),
-    md('## 2–3. Token store, blocks, DataLoaders\nTokenized once (cached), 2% of each corpus held out, packed into 256-token blocks.'),
+    md(
+        '## 2–3. Token store, blocks, DataLoaders\nTokenized once (cached), 2% of each corpus held out, packed into 256-token blocks.'
+    ),
     code(
         'from finetune import lm_dataloaders\n'
         'dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, valid_pct=0.05, max_valid_blocks=16, verbose=False)\n'
@@ -81,13 +84,16 @@ QUICKSTART = [
         'x = range(len(names))\n'
         "ax.bar([i - 0.2 for i in x], [before[n] for n in names], 0.4, label='before')\n"
         "ax.bar([i + 0.2 for i in x], [after[n] for n in names], 0.4, label='after')\n"
-        "ax.set_xticks(list(x), names); ax.set_ylabel('perplexity'); ax.legend(); plt.show()\n"
+        'ax.set_xticks(list(x), names)\n'
+        "ax.set_ylabel('perplexity')\n"
+        'ax.legend()\n'
+        'plt.show()\n'
         "{n: f'{before[n]:.1f} -> {after[n]:.1f}' for n in names}"
     ),
     code("print('before:', text_before)\nprint('after: ', learn.generate(prompt, max_new_tokens=30))"),
     code(
-        "out = learn.save_pretrained('out/quickstart', overwrite=True)\n"
         'from transformers import AutoModelForCausalLM\n'
+        "out = learn.save_pretrained('out/quickstart', overwrite=True)\n"
         'AutoModelForCausalLM.from_pretrained(out).num_parameters()'
     ),
 ]
@@ -104,7 +110,9 @@ DATA_GATHERING = [
         '`doc_sep`), `.jsonl`, `.csv`, `.parquet` (a text column), or a saved `datasets` dataset.'
     ),
     code(
-        'import json, pandas as pd\n'
+        'import json\n'
+        'import pandas as pd\n'
+        'from finetune import Corpus\n'
         "(data / 'faq').mkdir(exist_ok=True)\n"
         "rows = [{'text': f'Q: what does {kw} do? A: see the reference for {kw}.'} for kw in ['with', 'for', 'try', 'class']]\n"
         "(data / 'faq' / 'faq.jsonl').write_text('\\n'.join(json.dumps(r) for r in rows))\n"
@@ -122,26 +130,23 @@ DATA_GATHERING = [
         "by_weight = CorpusMix([general, reference], weights={'stdlib_docstrings': 1, 'python_reference': 3})\n"
         'by_weight.report(tok, seq_len=256);'
     ),
-    md('## The diagnosis\nA mix that starves the target domain, and one that repeats it too often, are flagged with what to do:'),
+    md(
+        '## The diagnosis\nA mix that starves the target domain, and one that repeats it too often, are flagged with what to do:'
+    ),
     code(
         "starved = CorpusMix([general, reference], share={'python_reference': 0.03})\n"
         'report = starved.report(tok, seq_len=256)\n'
         'report.warnings'
     ),
     code(
-        'repeated = CorpusMix([general, reference], share={\'python_reference\': 0.9}, epoch_tokens=3_000_000)\n'
-        'repeated.report(tok, seq_len=256).table[[\'corpus\', \'epoch share\', \'repeats\']]'
+        "repeated = CorpusMix([general, reference], share={'python_reference': 0.9}, epoch_tokens=3_000_000)\n"
+        "repeated.report(tok, seq_len=256).table[['corpus', 'epoch share', 'repeats']]"
     ),
     md(
         'A share that would repeat a corpus more than 100 times per epoch is an error unless `force=True`; '
         'bad weights and unknown names are errors too:'
     ),
-    code(
-        'try:\n'
-        "    CorpusMix([general, reference], share={'python_ref': 0.5})\n"
-        'except ValueError as e:\n'
-        '    print(e)'
-    ),
+    code("try:\n    CorpusMix([general, reference], share={'python_ref': 0.5})\nexcept ValueError as e:\n    print(e)"),
 ]
 
 TRAINING = [
@@ -151,11 +156,7 @@ TRAINING = [
     ),
     SETUP,
     CORPORA,
-    code(
-        DATA +
-        "learn = causal_lm_learner(dls, 'smollm2-135m', n_groups=4)\n"
-        'learn.precision'
-    ),
+    code(DATA + "learn = causal_lm_learner(dls, 'smollm2-135m', n_groups=4)\nlearn.precision"),
     md(
         '## Layer groups\nEmbeddings | decoder blocks in `n_groups` | final norm + head. SmolLM2 ties its '
         'embeddings to the LM head, so that matrix sits in the head group and there is no embeddings group.'
@@ -171,7 +172,7 @@ TRAINING = [
     code('learn.groups()[["name", "trainable", "lr"]]'),
     code('learn.recorder.plot_loss()'),
     md(
-        '## Mixed precision and speed\n`precision=\'auto\'` picked the dtype above: bf16 on CPUs that compute it '
+        "## Mixed precision and speed\n`precision='auto'` picked the dtype above: bf16 on CPUs that compute it "
         'natively (1.4x to 3x faster than fp32 for this model on a shared 2-core machine), bf16 or fp16 with a '
         'scaler on GPUs. The LM head and the loss run fused, in chunks, so full-vocabulary logits never exist; '
         '`causal_lm_learner(..., compile=True)` also compiles the decoder blocks (about 20 s once, then 1.25x '
@@ -188,8 +189,7 @@ LORA = [
     SETUP,
     CORPORA,
     code(
-        DATA +
-        "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True)   # rank 16 on every linear layer\n"
+        DATA + "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True)   # rank 16 on every linear layer\n"
         'trainable = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)\n'
         "f'{trainable:,} trainable of {learn.model.num_parameters():,}'"
     ),
@@ -239,7 +239,9 @@ def main(argv: list[str]) -> None:
             from nbclient import NotebookClient
 
             print('executing', name, flush=True)
-            NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(HERE)}}).execute()
+            NotebookClient(
+                nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(HERE)}}
+            ).execute()
         nbformat.write(nb, HERE / f'{name}.ipynb')
         print('wrote', HERE / f'{name}.ipynb')
 

@@ -30,7 +30,9 @@ def main(names: list[str]) -> int:
         start = time.time()
         nb = nbformat.read(path, as_version=4)
         try:
-            NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(scratch)}}).execute()
+            NotebookClient(
+                nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': str(scratch)}}
+            ).execute()
             print(f'ok      {path.name}  {time.time() - start:.0f}s', flush=True)
         except CellExecutionError as e:
             failed.append(path.name)
