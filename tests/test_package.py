@@ -65,3 +65,18 @@ def test_folders_are_put_in_place_only_by_the_atomic_folder_helper():
         }
         found = calls & {'os.rename', 'os.replace', 'tempfile.mkdtemp', 'shutil.move'}
         assert path.name == 'cache.py' or not found, (path.name, found)
+
+
+def test_the_readme_lists_every_module_in_an_order_the_imports_follow():
+    """'How the code is laid out': every module once, and each imports only modules listed above it."""
+    import re
+
+    readme = (PACKAGE.parent / 'README.md').read_text()
+    section = readme[readme.index('## How the code is laid out') :]
+    section = section[: section.index('\n## ')]
+    listed = [m for row in section.splitlines() if row.startswith('| `') for m in re.findall(r'`(\w+)\.py`', row)]
+    modules = {p.stem for p in PACKAGE.glob('*.py')} - {'__init__'}
+    assert sorted(listed) == sorted(modules)
+    for i, module in enumerate(listed):
+        later = imports_of(PACKAGE / f'{module}.py') & set(listed[i + 1 :])
+        assert not later, f'{module}.py imports {sorted(later)}, listed below it'
