@@ -109,7 +109,8 @@ def main():
     run_plain = profile_plain(copy.deepcopy(base), batches, a.precision, a.steps)
     sides = {'finetune Learner': defaultdict(list), 'plain loop': defaultdict(list)}
     for r in range(a.rounds + 1):
-        for name, run in (('finetune Learner', run_learner), ('plain loop', run_plain)):
+        pair = (('finetune Learner', run_learner), ('plain loop', run_plain))
+        for name, run in pair[:: 1 if r % 2 else -1]:  # neither side always first
             steps = run()
             if r:
                 for step in steps:

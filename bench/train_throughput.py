@@ -1,7 +1,7 @@
 """Training throughput (BENCH.md workload 1): finetune's Learner vs a plain PyTorch loop vs the HF Trainer.
 
 SmolLM2-135M (the embedded default), seq_len 256, batch 4, AdamW, the same token blocks for every
-side. The three sides run in one process, alternating (A B C A B C ...), each for `--steps` steps
+side. The three sides run in one process, alternating (A B C C B A ...), each for `--steps` steps
 per round; a step's time is the wall time between consecutive optimizer-step ends (data loading,
 forward, backward, step and callbacks included). The first round warms up and is not counted.
 Medians over the counted steps; MFU = 6 x parameters x tokens/s / peak FLOP/s of the precision.
@@ -152,7 +152,8 @@ def main():
     sides, n_params = make_sides(a.precision, a.steps, names)
     times = {k: [] for k in sides}
     for r in range(a.rounds + 1):  # round 0 warms up
-        for name, run in sides.items():
+        # A B C, then C B A: a side that always runs first (or last) was measured up to 8% off here
+        for name, run in list(sides.items())[:: 1 if r % 2 else -1]:
             t = run(a.steps)
             if r:
                 times[name] += t
