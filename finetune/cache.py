@@ -5,9 +5,10 @@
 error, every file in it is fsynced and the folder takes `path`'s place in one rename. A folder
 already at `path` is swapped out in the same step (Linux's `renameat2(RENAME_EXCHANGE)`), so a
 process killed at any moment leaves at `path` either the complete old folder or the complete new
-one, never a mixture and never nothing. Temporary folders are hidden (`.name.tmp-PID-...`), and one
-left behind by a killed writer is removed by the next write to the same path once that process is
-gone.
+one, never a mixture and never nothing (where the file system cannot swap, there is one instant with
+the old version moved aside, and the next write puts it back). Temporary folders are hidden
+(`.name.tmp-HOST-PID-...`); one left behind by a killed writer is removed by the next write to the
+same path once that process is gone (or, for another machine's, after a day).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ['cache_dir', 'cache_folder', 'atomic_folder', 'exchange']
+__all__ = ['cache_dir', 'cache_folder', 'atomic_folder', 'scratch_folder', 'exchange']
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -88,26 +91,70 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OSError):
         return True
     return True
 
 
-def _remove_leftovers(path: Path) -> None:
-    """Temporary folders of earlier writes to `path` whose process is gone (killed mid-write)."""
-    for old in path.parent.glob(f'.{path.name}.tmp-*'):
-        try:
-            pid = int(old.name[len(path.name) + 6 :].split('-', 1)[0])
-        except ValueError:
+_HOST = socket.gethostname().replace('-', '_').replace('.', '_')
+STALE_SECONDS = 24 * 3600  # a temporary folder of another machine (shared cache) is left alone for this long
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f'.{path.name}.tmp-'
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Temporary folders of earlier writes to `path` whose writer is gone: dead on this host, or long silent."""
+    prefix, out = _tmp_prefix(path), []
+    for old in path.parent.iterdir() if path.parent.is_dir() else []:
+        if not old.name.startswith(prefix):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(old, ignore_errors=True)
+        host, _, rest = old.name[len(prefix) :].partition('-')
+        pid = rest.split('-', 1)[0]
+        if host == _HOST and pid.isdigit():
+            gone = int(pid) != os.getpid() and not _pid_alive(int(pid))
+        else:
+            try:
+                gone = time.time() - old.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if gone:
+            out.append(old)
+    return out
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Clean up after killed writers; a version moved aside just before a kill is put back first."""
+    for old in _leftovers(path):
+        aside = old / 'old'
+        if aside.exists() and not path.exists():  # killed between the two renames of the fallback
+            os.rename(aside, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    try:  # Linux says it without changing it
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def scratch_folder(name: str, cache: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A private temporary folder under the cache's `tmp/`, removed when the block ends (or by a later run)."""
+    root = cache_folder('tmp', cache=cache)
+    _remove_leftovers(root / name)
+    tmp = Path(tempfile.mkdtemp(prefix=f'{_tmp_prefix(root / name)}{_HOST}-{os.getpid()}-', dir=root))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
@@ -122,7 +169,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-{os.getpid()}-', dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f'{_tmp_prefix(path)}{_HOST}-{os.getpid()}-', dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         yield tmp
@@ -139,15 +186,19 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     if occupied and not overwrite:
         raise FileExistsError(f'{path} exists and is not empty')
     if not occupied:
-        if path.exists():
-            path.rmdir()  # an empty folder: nothing to keep
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)  # replaces an empty folder too
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a concurrent writer got there first
+                raise FileExistsError(f'{path} exists and is not empty') from e
+            raise
         return
-    if path.is_dir() and exchange(tmp, path):
-        shutil.rmtree(tmp)  # tmp now holds the old version
+    if path.is_dir() and not path.is_symlink() and exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
         return
-    # no atomic exchange here: move the old version aside, the new one in, then delete the old one
-    aside = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-{os.getpid()}-old-', dir=path.parent))
+    # no atomic exchange here: move the old version aside, the new one in, then delete the old one; a kill
+    # between the two renames leaves the old version aside, and the next write to `path` puts it back
+    aside = Path(tempfile.mkdtemp(prefix=f'{_tmp_prefix(path)}{_HOST}-{os.getpid()}-old-', dir=path.parent))
     os.rename(path, aside / 'old')
     os.rename(tmp, path)
-    shutil.rmtree(aside)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -8,8 +8,8 @@ head's input), and the KV cache is off while fitting (it only costs memory durin
 the mix sampler's place and the trained-token counts, `CompileBlocksCallback` regional
 `torch.compile`, `SyncFreeProgressCallback` the progress bars.
 
-Each callback that changes the model puts it back in `after_fit`, and may see `after_fit` twice:
-`CausalLMLearner` runs it for a fit that ends with an exception too (fastai does not).
+Each callback that changes the model puts it back in `after_fit`, which `CausalLMLearner` also runs
+for a fit that ends with an exception (fastai does not), and which may therefore run twice.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ class HFCausalLMCallback(Callback):
     """Plain-tensor inputs and targets in, `logits` (or the fused head's input) out, no KV cache while fitting.
 
     With `learn.fused_head` (the default of `causal_lm_learner` wherever the model allows it) the
-    output layer is bypassed once for the whole fit, and `learn.pred` is a `HeadInput` (final hidden
+    output layer is bypassed for each forward pass, and `learn.pred` is a `HeadInput` (final hidden
     states + head + `learn.precision`): `CausalLMLoss` then computes head and loss together in
-    chunks, never holding full logits. Everything it changes on the model is put back in
-    `after_fit`, which `CausalLMLearner` also runs when a fit ends with an exception.
+    chunks, never holding full logits. The head is back in place as soon as the forward pass is
+    done, so a callback may generate or export between batches; if a forward pass fails, `after_fit`
+    (which `CausalLMLearner` runs for a failed fit too) puts it back, and `config.use_cache` as well.
     """
 
     order = -10  # before anything that reads the batch
@@ -58,28 +59,30 @@ class HFCausalLMCallback(Callback):
         if self._config is None and getattr(config, 'use_cache', None) is not None:
             self._config, self._use_cache = config, config.use_cache
             config.use_cache = False
-        if self._bypass is None and self.learn.fused_head and isinstance(self.learn.loss_func, CausalLMLoss):
-            self._bypass = head_bypass(self.learn.model)
+        fused = self.learn.fused_head and isinstance(self.learn.loss_func, CausalLMLoss)
+        self._bypass = head_bypass(self.learn.model) if fused else None  # found once per fit
+
+    def before_batch(self):
+        self.learn.xb = tuple(_plain(x) for x in self.xb)
+        self.learn.yb = tuple(_plain(y) for y in self.yb)
+        if self._bypass is not None and len(self.yb):
             self._bypass.__enter__()
 
-    def after_fit(self):  # idempotent: a fit that failed may run it twice
+    def after_pred(self):
+        pred = self.pred
+        pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
+        if self._bypass is not None and len(self.yb):
+            self._bypass.__exit__(None, None, None)
+            pred = HeadInput(pred, self._bypass.head, self.learn.precision)
+        self.learn.pred = pred
+
+    def after_fit(self):  # idempotent: putting the head back twice is harmless
         if self._bypass is not None:
             self._bypass.__exit__(None, None, None)
             self._bypass = None
         if self._config is not None:
             self._config.use_cache = self._use_cache
             self._config = None
-
-    def before_batch(self):
-        self.learn.xb = tuple(_plain(x) for x in self.xb)
-        self.learn.yb = tuple(_plain(y) for y in self.yb)
-
-    def after_pred(self):
-        pred = self.pred
-        pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
-        if self._bypass is not None:
-            pred = HeadInput(pred, self._bypass.head, self.learn.precision)
-        self.learn.pred = pred
 
 
 class MixCallback(Callback):
@@ -122,7 +125,11 @@ class TrainStepCallback(Callback):
        `accum_steps` micro-batches (and at the end of an epoch), dividing the gradients by the
        tokens of the whole window: exactly the gradient of one large batch;
     3. fp16 only: scale the loss, unscale the gradients before clipping, skip steps that overflow;
-    4. clip the gradient norm to `clip` (None: no clipping).
+    4. clip the gradient norm to `clip` (None: no clipping);
+    5. watch the loss: the first batch whose loss is NaN or infinite is noted on the device (no
+       host sync per batch), and `check_finite()` raises naming its step and corpus; it runs where
+       the host reads the device anyway: before each checkpoint (none is written after a bad
+       loss) and at each epoch's end.
     """
 
     order = 20
@@ -133,19 +140,64 @@ class TrainStepCallback(Callback):
         if clip is not None and not clip > 0:
             raise ValueError(f'clip must be a positive gradient norm or None, got {clip!r}')
         self.accum_steps, self.clip = accum_steps, clip
-        self._autocast, self.scaler = None, None
+        self._autocast, self.scaler, self._scaler_state = None, None, None
 
     def before_fit(self):
-        self.dtype = self.learn.precision
+        self._dtype = self.learn.precision
         self.device_type = next(self.learn.model.parameters()).device.type
-        if self.dtype == torch.float16 and self.device_type != 'cuda':
+        if self._dtype == torch.float16 and self.device_type != 'cuda':
             raise ValueError("fp16 needs a CUDA GPU: use precision='bf16' or 'fp32'")
-        self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device_type) if self._dtype == torch.float16 else None
+        if self.scaler is not None and self._scaler_state is not None:
+            self.scaler.load_state_dict(self._scaler_state)  # a resumed fit: the loss scale it had reached
+        self._scaler_state = None
         self.count, self.window_tokens = 0, 0
+        self._bad = None  # (optimizer step, corpus id) of the first non-finite loss, on the device
+
+    def after_loss(self):
+        if not self.training:
+            return
+        loss = self.learn.loss.detach()
+        bad = ~torch.isfinite(loss)
+        corpus = self.yb[1] if len(self.yb) > 1 else None
+        rows = getattr(self.learn.loss_func, 'row_loss', None)
+        if corpus is not None and rows is not None and rows.shape == corpus.shape:
+            which = corpus[torch.argmax((~torch.isfinite(rows)).int())].long()
+        else:
+            which = torch.zeros((), dtype=torch.long, device=loss.device) - 1
+        now = torch.stack([torch.full_like(which, self.learn.opt_steps + 1), which])
+        first = bad if self._bad is None else bad & (self._bad[0] < 0)
+        self._bad = torch.where(first, now, now.new_full((2,), -1) if self._bad is None else self._bad)
+
+    def check_finite(self) -> None:
+        """Raise if a training loss of this fit was NaN or infinite (reads one small tensor from the device)."""
+        if self._bad is None:
+            return
+        step, corpus = self._bad.tolist()
+        if step < 0:
+            return
+        names = getattr(self.dls, 'names', None)
+        which = f' of corpus {names[corpus]!r}' if names and corpus >= 0 else ''
+        raise FloatingPointError(
+            f'the training loss became NaN or infinite at optimizer step {step}, on a batch{which}: the fit stopped '
+            "there, and no checkpoint was written after it. Lower the learning rate, use precision='bf16' or "
+            "'fp32' rather than fp16, or look at that corpus's text; resume from the last checkpoint"
+        )
+
+    def after_epoch(self):
+        self.check_finite()
+
+    def scaler_state(self) -> dict | None:
+        """The fp16 loss scaler's state (JSON), for checkpoints; None without fp16."""
+        return None if self.scaler is None else {k: float(v) for k, v in self.scaler.state_dict().items()}
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        """Use `state` for the loss scaler of the next fit (a resumed one)."""
+        self._scaler_state = state
 
     # 1. autocast, around the forward pass only
     def before_batch(self):
-        self._autocast = autocast(self.device_type, self.dtype)
+        self._autocast = autocast(self.device_type, self._dtype)
         self._autocast.__enter__()
 
     def after_pred(self):
@@ -180,6 +232,7 @@ class TrainStepCallback(Callback):
                 raise CancelBatchException()
 
     def before_step(self):
+        self._cancelled = False
         params = [p for p in self.learn.model.parameters() if p.grad is not None]
         if self.accum_steps > 1:
             if params:
@@ -195,9 +248,14 @@ class TrainStepCallback(Callback):
             if not self._stepped:
                 raise CancelStepException()
 
-    def after_step(self):
+    def after_cancel_step(self):
+        self._cancelled = True
+
+    def after_step(self):  # fastai runs it after a cancelled step too
         if self.scaler is not None:
             self.scaler.update()
+        if not self._cancelled:
+            self.learn.opt_steps += 1  # optimizer steps over the learner's life: checkpoints count in them
 
     # the GradScaler talks to this object as if it were the optimizer
     @property
@@ -253,8 +311,17 @@ class SyncFreeProgressCallback(ProgressCallback):
         super().before_fit()
         self._shown = time.monotonic()
 
+    def before_train(self):
+        super().before_train()
+        self._done = 0  # counted here: a resumed epoch's `iter` starts where the epoch stopped
+
+    def before_validate(self):
+        super().before_validate()
+        self._done = 0
+
     def after_batch(self):
-        self.pbar.update(self.iter + 1)
+        self._done += 1
+        self.pbar.update(self._done)
         now = time.monotonic()
         if hasattr(self, 'smooth_loss') and now - self._shown >= self.interval:
             self._shown = now

@@ -56,7 +56,9 @@ class LMDataLoader(TfmdDL):
         super().__init__(dataset, **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):
-        return super().new(dataset, cls, **{'sampler': self.sampler, **kwargs})
+        if dataset is None:  # a copy over the same blocks (fastai's one_batch, get_preds, ...) keeps the sampler
+            kwargs.setdefault('sampler', self.sampler)
+        return super().new(dataset, cls, **kwargs)
 
     @property
     def _drawn(self) -> bool:
@@ -140,8 +142,7 @@ class LMDataLoaders(DataLoaders):
         **kwargs,  # passed to `DataBlock.dataloaders`
     ) -> LMDataLoaders:
         """Training order from the mix's sampler; validation in order, every corpus's blocks."""
-        if not isinstance(bs, int) or bs < 1:
-            raise ValueError(f'bs must be a whole number >= 1, got {bs!r}')
+        _check_bs(bs)
         if max_valid_blocks is not None and max_valid_blocks < 1:
             raise ValueError(f'max_valid_blocks must be at least 1 (or None for all), got {max_valid_blocks}')
         mix = packed.mix
@@ -152,7 +153,7 @@ class LMDataLoaders(DataLoaders):
         kwargs.setdefault('pin_memory', target.type == 'cuda')  # page-locked batches copy to a GPU faster
         dls = lm_datablock(packed, max_valid_blocks).dataloaders(
             None, bs=bs, num_workers=num_workers, device=device, drop_last=False,
-            dl_kwargs=[{'sampler': sampler}, {}], **kwargs,
+            dl_kwargs=[{'sampler': sampler}, {'sampler': None}], **kwargs,
         )  # fmt: skip
         return cls(*dls.loaders, packed=packed, path=dls.path, device=dls.device)
 
@@ -203,8 +204,7 @@ def lm_dataloaders(
     **kwargs,  # passed to `DataBlock.dataloaders`
 ) -> LMDataLoaders:
     """fastai `DataLoaders` of `(input_ids, labels, corpus)` blocks; `dls.packed` holds the corpora."""
-    if not isinstance(bs, int) or bs < 1:
-        raise ValueError(f'bs must be a whole number >= 1, got {bs!r}')
+    _check_bs(bs)  # before any tokenizing
     packed = (
         corpora
         if isinstance(corpora, PackedCorpora)
@@ -215,3 +215,8 @@ def lm_dataloaders(
     )
     dls.mix_report(show=verbose)  # the diagnosis always warns; the table shows when verbose
     return dls
+
+
+def _check_bs(bs) -> None:
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+        raise ValueError(f'bs must be a whole number >= 1, got {bs!r}')

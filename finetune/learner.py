@@ -19,11 +19,12 @@ Defaults, and why (fine-tuning a pretrained LM, not training a CNN head):
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import tempfile
 import warnings
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,19 +32,31 @@ import fastai.callback.progress  # noqa: F401  (registers the progress bars for 
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_find live there)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
+from fastcore.basics import noop
 from fastcore.foundation import L
 
-from .cache import atomic_folder, cache_folder
+from .cache import atomic_folder, scratch_folder
 from .callbacks import (
     CompileBlocksCallback,
     HFCausalLMCallback,
     MixCallback,
     SyncFreeProgressCallback,
     TrainStepCallback,
+)
+from .checkpoint import (
+    Checkpoint,
+    ResumeCallback,
+    SaveCheckpoint,
+    find_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    read_checkpoint,
+    recorder_state,
+    save_checkpoint,
 )
 from .data import LMDataLoaders
 from .evaluate import CorpusPerplexity, Perplexity
@@ -135,22 +148,42 @@ class CausalLMLearner(Learner):
         accum_steps: int = 1,  # micro-batches per optimizer step
         clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
         compile: bool | dict = False,  # torch.compile each decoder block while fitting
+        run_dir: str | os.PathLike | None = None,  # the run's folder: checkpoints/ (and, with them, nothing else yet)
+        checkpoint_every: int | None = None,  # save a checkpoint every this many optimizer steps
+        keep: int | None = None,  # keep only the newest `keep` checkpoints
         loss_func=None,  # default `CausalLMLoss()`
+        opt_func=None,  # default: torch's fused AdamW, no decay on 1-D tensors unless wd_bn_bias=True
+        lr: float = DEFAULT_LR,
+        wd: float = 0.0,
+        train_bn: bool = False,  # a frozen group is entirely frozen, norms included
         cbs=None,  # more fastai callbacks
         **kwargs,  # passed to `Learner`
     ):
         self.tokenizer, self.precision, self.fused_head = tokenizer, precision, fused_head
         self.n_groups, self.only = n_groups, only
         self._groups_of = None  # (model, groups): found once per model
+        self.opt_steps = 0  # optimizer steps over the learner's life (TrainStepCallback counts them)
+        self._fit_plan, self._resume = None, None  # the fit running now, for checkpoints; the checkpoint it resumes
+        self._phase = None  # the phase of `fine_tune` running now
+        if checkpoint_every is not None and run_dir is None:
+            run_dir = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
             own.append(MixCallback())
         if compile:
             own.append(CompileBlocksCallback(**(compile if isinstance(compile, dict) else {})))
+        if checkpoint_every is not None:
+            own.append(SaveCheckpoint(checkpoint_every, keep))
+        wd_bn_bias = kwargs.get('wd_bn_bias', False)
         super().__init__(
             dls,
             model,
             loss_func=CausalLMLoss() if loss_func is None else loss_func,
+            opt_func=partial(adamw, decay_1d=wd_bn_bias) if opt_func in (None, adamw) else opt_func,
+            lr=lr,
+            wd=wd,
+            train_bn=train_bn,
             splitter=self._splitter,
             cbs=[*own, *L(cbs)],
             **kwargs,
@@ -160,15 +193,21 @@ class CausalLMLearner(Learner):
             self.add_cb(SyncFreeProgressCallback())
         self.layer_groups()  # checks n_groups now, not at the first fit
 
-    # --- a fit that is safe to interrupt ---
-    def _do_fit(self):
-        try:
-            super()._do_fit()
-        except CancelFitException:
-            raise  # fastai runs after_cancel_fit and after_fit itself
+    # --- a fit that is safe to interrupt, and that can resume ---
+    def _with_events(self, f, event_type, ex, final=noop):
+        if event_type != 'fit':
+            return super()._with_events(f, event_type, ex, final)
+        try:  # before_fit included: a callback that fails there must not leave the others' changes behind
+            super()._with_events(f, event_type, ex, final)
         except BaseException:
             self._end_failed_fit()
             raise
+
+    def _do_fit(self):  # fastai's, starting at a resumed checkpoint's epoch
+        start = self._resume.state['position']['epoch'] if self._resume is not None else 0
+        for epoch in range(start, self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
     def _end_failed_fit(self):
         """Run `after_cancel_fit` and `after_fit` on every callback, each on its own, as a cancelled fit would."""
@@ -262,9 +301,63 @@ class CausalLMLearner(Learner):
         self._check_lr(lr)
         return super().fit(n_epoch, lr, *args, **kwargs)
 
-    def fit_one_cycle(self, n_epoch, lr_max=None, *args, **kwargs):
+    def fit_one_cycle(
+        self,
+        n_epoch: int,
+        lr_max=None,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        wd: float | None = None,
+        moms=None,
+        cbs=None,
+        reset_opt: bool = False,
+        start_epoch: int = 0,
+        resume: str | os.PathLike | None = None,  # 'latest' (of `run_dir`) or a checkpoint folder: go on from there
+        force: bool = False,  # resume even if the data, model or batch size differ from the checkpoint's
+    ):
+        """fastai's one-cycle fit; with `resume=`, the same fit continued exactly where a checkpoint left it."""
         self._check_lr(lr_max)
-        return super().fit_one_cycle(n_epoch, lr_max, *args, **kwargs)
+        plan = {
+            'method': 'fit_one_cycle',
+            'n_epoch': n_epoch,
+            'lr_max': _jsonable(lr_max),
+            'div': div,
+            'div_final': div_final,
+            'pct_start': pct_start,
+            'wd': wd,
+            'moms': _jsonable(moms),
+            'phase': getattr(self, '_phase', None),
+        }
+        with self._fit_as(plan, resume, force) as extra:
+            return super().fit_one_cycle(
+                n_epoch, lr_max, div, div_final, pct_start, wd, moms, L(cbs) + extra, reset_opt, start_epoch
+            )
+
+    @contextmanager
+    def _fit_as(self, plan: dict, resume, force: bool):
+        """The fit described by `plan` runs inside: checkpoints record it; `resume` loads one and goes on from it."""
+        extra = L()
+        if resume is not None:
+            path = find_checkpoint(resume, self.run_dir)
+            self._resume = self.load_checkpoint(path, force=force)
+            saved = {k: v for k, v in self._resume.state['fit'].items()}
+            if saved != plan and not force:
+                diff = {k: (saved.get(k), plan.get(k)) for k in set(saved) | set(plan) if saved.get(k) != plan.get(k)}
+                raise ValueError(
+                    f'checkpoint {path} was saved by a different fit: {diff} (checkpoint, now); call it with the '
+                    'same arguments, or pass force=True'
+                )
+            extra = L(ResumeCallback(self._resume))
+            where = self._resume.state['position']
+            print(
+                f'resuming from {path}: epoch {where["epoch"]}, {where["iter"]} batches into it, step {self.opt_steps}'
+            )
+        self._fit_plan = plan
+        try:
+            yield extra
+        finally:
+            self._fit_plan, self._resume = None, None
 
     def fine_tune(
         self,
@@ -275,30 +368,55 @@ class CausalLMLearner(Learner):
         pct_start: float = 0.3,  # warm-up fraction of the unfrozen one-cycle
         div: float = 5.0,  # one-cycle starts at lr / div
         gradual: bool = False,  # ULMFiT gradual unfreezing: one more group per epoch before the full phase
+        resume: str | os.PathLike | None = None,  # 'latest' or a checkpoint folder: go on from its phase and step
+        force: bool = False,  # resume even if the data, model or batch size differ from the checkpoint's
         **kwargs,
     ):
-        """fastai's `fine_tune` (frozen phase, then discriminative LRs), with defaults sized for LLMs."""
+        """fastai's `fine_tune` (frozen phase, then discriminative LRs), with defaults sized for LLMs.
+
+        With `resume=`, the phases before the checkpoint's are skipped (their LR arithmetic still
+        applies), the checkpoint's phase goes on where it stopped, and the later ones run as usual.
+        """
         base_lr = self.lr if base_lr is None else base_lr
         groups = self.layer_groups()
         n = len(groups)
+        start = None
+        if resume is not None:
+            resume = find_checkpoint(resume, self.run_dir)
+            start = json.loads((resume / 'state.json').read_text())['fit'].get('phase')
+            if start is None:
+                raise ValueError(
+                    f'checkpoint {resume} was saved by a plain fit, not fine_tune: resume that fit instead'
+                )
+
+        def phase(k: int, n_epoch: int, lrs, freeze: int, **options):
+            if start is not None and k < start:
+                return  # done before the checkpoint
+            self.freeze_to(freeze) if freeze else self.unfreeze()
+            self._phase = k
+            try:
+                self.fit_one_cycle(n_epoch, lrs, resume=resume if k == start else None, force=force, **options)
+            finally:
+                self._phase = None
+
         if n < 2 or freeze_epochs == 0:
             if n < 2 and freeze_epochs:
                 warnings.warn('a single parameter group: skipping the frozen phase', stacklevel=2)
         elif gradual:
             for k in range(1, n):
-                self.freeze_to(-k)
-                print(f'gradual unfreezing: training the last {k} of {n} groups')
-                self.fit_one_cycle(1, slice(base_lr / lr_mult, base_lr), pct_start=0.99, **kwargs)
+                if start is None or k - 1 >= start:
+                    print(f'gradual unfreezing: training the last {k} of {n} groups')
+                phase(k - 1, 1, slice(base_lr / lr_mult, base_lr), -k, pct_start=0.99, **kwargs)
             base_lr /= 2
         else:
-            self.freeze()
-            print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({groups[-1].name}) trains')
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+            if start is None or start == 0:
+                print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({groups[-1].name}) trains')
+            phase(0, freeze_epochs, slice(base_lr), -1, pct_start=0.99, **kwargs)
             base_lr /= 2
-        self.unfreeze()
         lrs = slice(base_lr / lr_mult, base_lr) if n > 1 else base_lr
         print(f'unfrozen: {epochs} epoch(s), LRs from {base_lr / lr_mult if n > 1 else base_lr:.2g} to {base_lr:.2g}')
-        self.fit_one_cycle(epochs, lrs, pct_start=pct_start, div=div, **kwargs)
+        last = n - 1 if gradual and n >= 2 else 1
+        phase(last if (n >= 2 and freeze_epochs) else 0, epochs, lrs, 0, pct_start=pct_start, div=div, **kwargs)
 
     def lr_find(self, *args, **kwargs):
         """fastai's `lr_find`, leaving weights, optimizer, RNG states and data order as they were.
@@ -312,8 +430,8 @@ class CausalLMLearner(Learner):
         state = sampler.state_dict() if sampler is not None else None
         path, model_dir = self.path, self.model_dir
         try:
-            with tempfile.TemporaryDirectory(prefix='lr_find-', dir=cache_folder('tmp')) as tmp:
-                self.path, self.model_dir = Path(tmp), 'models'
+            with scratch_folder('lr_find') as tmp:
+                self.path, self.model_dir = tmp, 'models'
                 return super().lr_find(*args, **kwargs)
         finally:
             self.path, self.model_dir = path, model_dir
@@ -324,6 +442,95 @@ class CausalLMLearner(Learner):
                 torch.cuda.set_rng_state_all(cuda)
             if sampler is not None:
                 sampler.load_state_dict(state)
+
+    # --- checkpoints ---
+    def save_checkpoint(self, keep: int | None = None, epoch_done: bool = False) -> Path:
+        """Save `run_dir/checkpoints/step-N/` now (inside a fit, at an optimizer-step boundary); see `checkpoint.py`."""
+        if self.run_dir is None:
+            raise ValueError('save_checkpoint needs a run folder: pass run_dir= to causal_lm_learner')
+        if self._fit_plan is None:
+            raise ValueError('save_checkpoint saves a fit in progress: call it from a callback during fit_one_cycle')
+        position = {
+            'step': self.opt_steps,
+            'epoch': self.epoch + 1 if epoch_done else self.epoch,
+            'iter': 0 if epoch_done else self.iter + 1,  # batches of the epoch done
+            'n_iter': self.n_iter,
+            'train_iter': self.train_iter,
+            'pct_train': self.pct_train,
+            'n_epoch': self.n_epoch,
+        }
+        mix = next((cb for cb in self.cbs if isinstance(cb, MixCallback)), None)
+        optimizer, optimizer_tensors = optimizer_state(self.opt.opt)
+        state = {
+            'position': position,
+            'fit': self._fit_plan,
+            'frozen_idx': self.opt.frozen_idx,
+            'optimizer': optimizer,
+            'recorder': recorder_state(self),
+            'scaler': self.train_step.scaler_state(),
+            'identity': self._identity(),
+        }
+        if isinstance(self.dls, LMDataLoaders):
+            state['sampler'] = self.dls.sampler.state_dict()
+            state['trained_tokens'] = self.dls.trained_tokens
+            if mix is not None and mix.counts is not None:  # what this fit has trained so far, not yet recorded
+                state['trained_tokens'] = [a + int(b) for a, b in zip(state['trained_tokens'], mix.counts.tolist())]
+        weights = {n: p for n, p in self.model.named_parameters() if self.only is None or id(p) in self.only}
+        folder = self.run_dir / 'checkpoints' / f'step-{self.opt_steps}'
+        return save_checkpoint(folder, state, weights, optimizer_tensors, keep)
+
+    def load_checkpoint(self, path: str | os.PathLike, force: bool = False) -> Checkpoint:
+        """Load weights, optimizer, frozen groups, sampler, trained tokens and step count from a checkpoint.
+
+        Refuses (unless `force=True`) a checkpoint of other data (token stores), another model or
+        another batch size, naming what differs. Where the fit stood is applied by `fit_one_cycle(resume=...)`.
+        """
+        ckpt = read_checkpoint(Path(path))
+        mine, saved = self._identity(), ckpt.state['identity']
+        differ = {k: (saved.get(k), mine.get(k)) for k in ('data', 'model', 'bs') if saved.get(k) != mine.get(k)}
+        if differ and not force:
+            raise ValueError(
+                f'checkpoint {ckpt.path} does not match this learner: {differ} (checkpoint, learner); resume with '
+                'the same corpora, model and batch size, or pass force=True'
+            )
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(ckpt.model) - set(params))
+        if unknown:
+            raise ValueError(f'checkpoint {ckpt.path} holds weights this model lacks: {unknown[:5]}')
+        with torch.no_grad():
+            for name, tensor in ckpt.model.items():
+                params[name].copy_(tensor)
+        if self.opt is None:
+            self.create_opt()
+        self.freeze_to(ckpt.state['frozen_idx']) if ckpt.state['frozen_idx'] else self.unfreeze()
+        load_optimizer_state(self.opt.opt, ckpt.state['optimizer'], ckpt.optimizer)
+        if isinstance(self.dls, LMDataLoaders) and 'sampler' in ckpt.state:
+            self.dls.sampler.load_state_dict(ckpt.state['sampler'])
+            self.dls.trained_tokens = list(ckpt.state['trained_tokens'])
+        self.train_step.load_scaler_state(ckpt.state['scaler'])
+        self.opt_steps = ckpt.step
+        return ckpt
+
+    def _identity(self) -> dict:
+        """What a checkpoint must share with the learner that resumes it, and the versions it was made with."""
+        import fastai
+        import transformers
+
+        from . import __version__
+
+        model = self.model
+        data = [s.store.path.name for s in self.dls.packed.splits] if isinstance(self.dls, LMDataLoaders) else None
+        return {
+            'data': data,  # token-store keys: a hash of each corpus's contents and the tokenizer
+            'model': [type(model).__name__, sum(p.numel() for p in model.parameters())],
+            'bs': getattr(self.dls.train, 'bs', None),
+            'versions': {
+                'finetune': __version__,
+                'torch': torch.__version__,
+                'transformers': transformers.__version__,
+                'fastai': fastai.__version__,
+            },
+        }
 
     def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, **kwargs):
         """Per position, the most likely next token id, and the labels (with `with_loss`, each row's mean loss).
@@ -372,6 +579,9 @@ def causal_lm_learner(
     grad_checkpointing: bool = False,  # recompute activations in backward: less memory, about 30% slower
     fused_head: bool | None = None,  # LM head + loss in chunks, no full logits; default: wherever the model allows
     compile: bool | dict = False,  # torch.compile each decoder block while fitting (a dict: torch.compile options)
+    run_dir: str | os.PathLike | None = None,  # the run's folder (checkpoints/); default with checkpoints: runs/<time>
+    checkpoint_every: int | None = None,  # save a checkpoint every this many optimizer steps
+    keep: int | None = None,  # keep only the newest `keep` checkpoints (default: all)
     lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
     lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
     wd: float = 0.0,  # decoupled weight decay (on matrices only, unless wd_bn_bias=True)
@@ -415,8 +625,11 @@ def causal_lm_learner(
         accum_steps=accum_steps,
         clip=clip,
         compile=compile,
+        run_dir=run_dir,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
         loss_func=loss_func,
-        opt_func=opt_func if opt_func is not None else partial(adamw, decay_1d=wd_bn_bias),
+        opt_func=opt_func,
         lr=lr if lr is not None else (LORA_LR if lora else DEFAULT_LR),
         wd=wd,
         metrics=metrics if metrics is not None else default_metrics(dls),
@@ -465,3 +678,14 @@ def _check_vocab(model, tokenizer) -> None:
             f'the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: '
             'use the tokenizer that belongs to this model (or resize its embeddings)'
         )
+
+
+def _jsonable(value):
+    """A fit argument as JSON: numbers, lists, and `slice(a, b)` as {'slice': [a, b]}."""
+    if isinstance(value, slice):
+        return {'slice': [_jsonable(value.start), _jsonable(value.stop)]}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

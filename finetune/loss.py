@@ -13,12 +13,12 @@ in the same pass (the softmax of a chunk is its gradient), so the backward pass 
 the incoming gradient. Matmuls run in the autocast dtype and the softmax in fp32, as the unfused
 path does under autocast.
 
-For a whole fit (or evaluation), `head_bypass` puts a `HeadBypass` in the output layer's place, so
-the model returns its final hidden states; `learn.pred` is then a `HeadInput` (hidden states + the
-head), which `CausalLMLoss` scores with `linear_cross_entropy`. The bypass holds the head's own
-parameters under the same names, so the model's parameters and `state_dict` are unchanged while it
-is in place. Models whose forward changes the logits after the head (soft-capping, logit scales)
-are detected by `supports_head_bypass` and keep the ordinary path.
+Around each forward pass of a fit (or for a whole evaluation), `head_bypass` puts a `HeadBypass` in
+the output layer's place, so the model returns its final hidden states; `learn.pred` is then a
+`HeadInput` (hidden states + the head), which `CausalLMLoss` scores with `linear_cross_entropy`.
+The bypass holds the head's own parameters under the same names, so the model's parameters and
+`state_dict` are unchanged while it is in place. Models whose forward changes the logits after the
+head (soft-capping, logit scales) are detected by `supports_head_bypass` and keep the ordinary path.
 """
 
 from __future__ import annotations
@@ -125,11 +125,6 @@ class head_bypass:
         self.parent, self.attr = slot
         self.head = getattr(self.parent, self.attr)
         self.bypass = HeadBypass(self.head)
-
-    @property
-    def active(self) -> bool:
-        """Whether the pass-through is in the head's place now."""
-        return getattr(self.parent, self.attr) is self.bypass
 
     def __enter__(self) -> nn.Linear:
         setattr(self.parent, self.attr, self.bypass)

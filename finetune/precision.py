@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ['PRECISIONS', 'resolve_precision', 'cpu_has_native_bf16', 'autocast', 'precision_name']
+__all__ = ['PRECISIONS', 'resolve_precision', 'cpu_has_native_bf16', 'autocast']
 
 PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')  # the names `precision=` and `--precision` take
 
@@ -58,11 +58,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     if device.type == 'cpu' and cpu_has_native_bf16():
         return torch.bfloat16
     return None
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """'bf16', 'fp16' or 'fp32' for an autocast dtype from `resolve_precision`."""
-    return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):

@@ -51,15 +51,32 @@ def test_overwrite_replaces_and_refusal_keeps(tmp_path):
 
 
 def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    from finetune.cache import _HOST
+
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    leftover = tmp_path / f'.out.tmp-{int(dead.stdout)}-abc'
+    leftover = tmp_path / f'.out.tmp-{_HOST}-{int(dead.stdout)}-abc'
     leftover.mkdir()
     (leftover / 'model.safetensors').write_bytes(b'half')
-    mine = tmp_path / f'.out.tmp-{os.getpid()}-live'  # a live writer's folder stays
+    mine = tmp_path / f'.out.tmp-{_HOST}-{os.getpid()}-live'  # a live writer's folder stays
+    other = tmp_path / '.out.tmp-another_host-1-xyz'  # another machine's (a shared cache): not judged by pid
     mine.mkdir()
+    other.mkdir()
     with atomic_folder(tmp_path / 'out') as tmp:
         (tmp / 'a').write_text('a')
-    assert not leftover.exists() and mine.exists()
+    assert not leftover.exists() and mine.exists() and other.exists()
+
+
+def test_an_old_version_moved_aside_before_a_kill_is_put_back(tmp_path):
+    """No atomic swap, and a kill between the two renames: the old export waits aside; the next write restores it."""
+    from finetune.cache import _HOST
+
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    aside = tmp_path / f'.out.tmp-{_HOST}-{int(dead.stdout)}-old-abc' / 'old'
+    aside.mkdir(parents=True)
+    (aside / 'config.json').write_text('{}')
+    with pytest.raises(FileExistsError), atomic_folder(tmp_path / 'out') as tmp:
+        (tmp / 'new').write_text('new')
+    assert (tmp_path / 'out' / 'config.json').exists() and [p.name for p in tmp_path.iterdir()] == ['out']
 
 
 def test_cache_folder_names_what_to_set(tmp_path):
