@@ -11,6 +11,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     import fastai.data.block  # noqa: F401
 
+from .checkpoint import SaveCheckpoint
 from .corpora import Corpus
 from .data import LMBlock, LMDataLoader, LMDataLoaders, lm_datablock, lm_dataloaders
 from .evaluate import CorpusPerplexity, Perplexity, corpus_perplexity
@@ -21,6 +22,7 @@ from .mix import CorpusMix, MixSampler, pack_corpora
 from .mix_report import MixChecks, MixReport, mix_report
 from .models import load_model, load_tokenizer
 from .packing import PackedCorpora
+from .runlog import plot_run
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
 __version__ = '0.1.0'
@@ -51,4 +53,6 @@ __all__ = [
     'CausalLMLearner',
     'causal_lm_learner',
     'generate',
+    'SaveCheckpoint',
+    'plot_run',
 ]

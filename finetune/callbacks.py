@@ -141,6 +141,7 @@ class TrainStepCallback(Callback):
             raise ValueError(f'clip must be a positive gradient norm or None, got {clip!r}')
         self.accum_steps, self.clip = accum_steps, clip
         self._autocast, self.scaler, self._scaler_state = None, None, None
+        self.grad_norm = None  # the last step's gradient norm before clipping (with clip set)
 
     def before_fit(self):
         self._dtype = self.learn.precision
@@ -241,7 +242,7 @@ class TrainStepCallback(Callback):
         if self.scaler is not None:
             self.scaler.unscale_(self)
         if self.clip is not None and params:
-            torch.nn.utils.clip_grad_norm_(params, self.clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip)  # on the device; logs read it
         if self.scaler is not None:
             self._stepped = False
             self.scaler.step(self)  # calls self.step() only when no gradient overflowed

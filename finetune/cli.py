@@ -1,7 +1,8 @@
 """The `finetune` command: a thin layer over the Python API for scripted runs.
 
     finetune quickstart                       fine-tune the embedded SmolLM2 on Python's docs
-    finetune train config.toml [--flags]      corpora, mix, model, training, save
+    finetune train config.toml [--flags]      corpora, mix, model, training, save (--resume: continue)
+    finetune plot RUN                         the curves of a run, from its metrics.jsonl
     finetune eval MODEL --corpus NAME=PATH    per-corpus perplexity
     finetune generate MODEL "prompt"
 
@@ -52,15 +53,22 @@ class TrainConfig:
     valid_pct: float = 0.05
     epoch_tokens: int | None = None
     accum_steps: int = 1
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints in out/checkpoints/
+    keep: int | None = None  # checkpoints kept (the newest)
+    log_every: int = 10  # optimizer steps between lines of out/metrics.jsonl
+    report_to: str | None = None  # also log to these trackers (comma-separated): tensorboard, wandb, mlflow, trackio
 
     def __post_init__(self):
         if not self.corpus:
             raise ValueError('no corpora: add [[corpus]] tables to the config or --corpus NAME=PATH flags')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision={self.precision!r}: allowed values are {list(PRECISIONS)}')
-        for key in ('seq_len', 'bs', 'epochs', 'accum_steps'):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f'{key}={getattr(self, key)!r}: must be a whole number >= 1')
+        for key in ('seq_len', 'bs', 'epochs', 'accum_steps', 'log_every', 'checkpoint_every', 'keep'):
+            value = getattr(self, key)
+            if value is None and key in ('checkpoint_every', 'keep'):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f'{key}={value!r}: must be a whole number >= 1')
         for spec in self.corpus:
             if spec.weight is not None and spec.share is not None:
                 raise ValueError(f'corpus {spec.name!r} has both a weight and a share: give one')
@@ -150,18 +158,32 @@ def cmd_train(a) -> None:
     from .learner import causal_lm_learner
     from .models import load_model, load_tokenizer
 
-    out = Path(config.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f'{out} exists and is not empty: choose another out')
+    out = Path(config.out)  # the run folder: metrics.jsonl, checkpoints/, and the model in model/
+    if a.resume is None and out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f'{out} exists and is not empty: choose another out, or pass --resume to continue its run'
+        )
+    if a.resume is not None and not out.is_dir():
+        raise FileNotFoundError(f'--resume: the run folder {out} does not exist')
+    report_to = [r.strip() for r in config.report_to.split(',')] if config.report_to else None
     tok = load_tokenizer(config.model)
     dls = lm_dataloaders(mix, tok, seq_len=config.seq_len, bs=config.bs, valid_pct=config.valid_pct, seed=config.seed)
     learn = causal_lm_learner(
         dls, load_model(config.model), precision=config.precision, lora=config.lora or None,
-        accum_steps=config.accum_steps, lr=config.lr, compile=config.compile,
+        accum_steps=config.accum_steps, lr=config.lr, compile=config.compile, run_dir=out,
+        checkpoint_every=config.checkpoint_every, keep=config.keep, log_every=config.log_every, report_to=report_to,
     )  # fmt: skip
-    learn.fit_one_cycle(config.epochs)
+    learn.fit_one_cycle(config.epochs, resume=a.resume)
     dls.mix_report()
-    print(f'saved to {learn.save_pretrained(out)}')
+    print(f'saved to {learn.save_pretrained(out / "model", overwrite=True)}')
+
+
+def cmd_plot(a) -> None:
+    from .runlog import plot_run
+
+    out = Path(a.out) if a.out else Path(a.run) / 'curves.png'
+    plot_run(a.run, out)
+    print(f'wrote {out}')
 
 
 def cmd_eval(a) -> None:
@@ -219,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument('--share', action='append', metavar='NAME=S', help="fraction of each epoch's tokens")
     t.add_argument('--target', action='append', metavar='NAME', help='mark a corpus as the target domain')
     for key, typ in (('seq_len', int), ('bs', int), ('epochs', int), ('lr', float), ('seed', int),
-                     ('valid_pct', float), ('epoch_tokens', int), ('accum_steps', int)):  # fmt: skip
+                     ('valid_pct', float), ('epoch_tokens', int), ('accum_steps', int), ('checkpoint_every', int),
+                     ('keep', int), ('log_every', int)):  # fmt: skip
         t.add_argument('--' + key.replace('_', '-'), dest=key, type=typ,
                        help=f'default {getattr(TrainConfig, key, None)}')  # fmt: skip
     t.add_argument('--precision', choices=PRECISIONS, help="default 'auto'")
@@ -227,8 +250,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         '--compile', action='store_true', default=None, help='torch.compile the decoder blocks (faster after ~20 s)'
     )
-    t.add_argument('--out', help=f'folder for the trained model (default {TrainConfig.out})')
+    t.add_argument(
+        '--report-to', dest='report_to', help='trackers, comma-separated: tensorboard, wandb, mlflow, trackio'
+    )
+    t.add_argument('--out', help=f'the run folder: metrics.jsonl, checkpoints/, model/ (default {TrainConfig.out})')
+    t.add_argument('--resume', nargs='?', const='latest', metavar='CHECKPOINT',
+                   help="continue the run in --out from its latest checkpoint (or the one named)")  # fmt: skip
     t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser('plot', help="a run's loss, learning-rate and perplexity curves, as a PNG", formatter_class=fmt)
+    pl.add_argument('run', help='a run folder (with metrics.jsonl)')
+    pl.add_argument('--out', help='the PNG to write (default RUN/curves.png)')
+    pl.set_defaults(func=cmd_plot)
 
     e = sub.add_parser('eval', help='per-corpus perplexity of a model', formatter_class=fmt)
     e.add_argument('model', help='embedded name, hub id, folder or .gguf')

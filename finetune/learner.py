@@ -65,6 +65,7 @@ from .lora import add_lora, is_peft_model, save_lora
 from .loss import CausalLMLoss, supports_head_bypass
 from .models import load_model, load_tokenizer, model_context_length
 from .precision import resolve_precision
+from .runlog import MetricsLog
 from .splitter import LayerGroup, decoder_groups, norm_bias_params
 
 __all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
@@ -148,9 +149,11 @@ class CausalLMLearner(Learner):
         accum_steps: int = 1,  # micro-batches per optimizer step
         clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
         compile: bool | dict = False,  # torch.compile each decoder block while fitting
-        run_dir: str | os.PathLike | None = None,  # the run's folder: checkpoints/ (and, with them, nothing else yet)
+        run_dir: str | os.PathLike | None = None,  # the run's folder: metrics.jsonl, checkpoints/, tracker files
         checkpoint_every: int | None = None,  # save a checkpoint every this many optimizer steps
         keep: int | None = None,  # keep only the newest `keep` checkpoints
+        log_every: int = 10,  # with a run_dir: a line of metrics.jsonl every this many optimizer steps
+        report_to=None,  # also send the logs to 'tensorboard', 'wandb', 'mlflow' or 'trackio' (a name or a list)
         loss_func=None,  # default `CausalLMLoss()`
         opt_func=None,  # default: torch's fused AdamW, no decay on 1-D tensors unless wd_bn_bias=True
         lr: float = DEFAULT_LR,
@@ -165,14 +168,17 @@ class CausalLMLearner(Learner):
         self.opt_steps = 0  # optimizer steps over the learner's life (TrainStepCallback counts them)
         self._fit_plan, self._resume = None, None  # the fit running now, for checkpoints; the checkpoint it resumes
         self._phase = None  # the phase of `fine_tune` running now
-        if checkpoint_every is not None and run_dir is None:
+        if (checkpoint_every is not None or report_to) and run_dir is None:
             run_dir = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
+            print(f'this run writes to {run_dir}/ (pass run_dir= to choose the folder)')
         self.run_dir = Path(run_dir) if run_dir is not None else None
         own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
             own.append(MixCallback())
         if compile:
             own.append(CompileBlocksCallback(**(compile if isinstance(compile, dict) else {})))
+        if self.run_dir is not None:
+            own.append(MetricsLog(self.run_dir, log_every, report_to))
         if checkpoint_every is not None:
             own.append(SaveCheckpoint(checkpoint_every, keep))
         wd_bn_bias = kwargs.get('wd_bn_bias', False)
@@ -419,7 +425,7 @@ class CausalLMLearner(Learner):
         phase(last if (n >= 2 and freeze_epochs) else 0, epochs, lrs, 0, pct_start=pct_start, div=div, **kwargs)
 
     def lr_find(self, *args, **kwargs):
-        """fastai's `lr_find`, leaving weights, optimizer, RNG states and data order as they were.
+        """fastai's `lr_find`, leaving weights, optimizer, step count, RNG states and data order as they were.
 
         fastai keeps the weights in a file under `learn.path` while it runs; here that file lives in
         a temporary folder of the cache, so nothing is written where the user did not ask.
@@ -428,13 +434,13 @@ class CausalLMLearner(Learner):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         sampler = getattr(self.dls.train, 'sampler', None)
         state = sampler.state_dict() if sampler is not None else None
-        path, model_dir = self.path, self.model_dir
+        path, model_dir, steps = self.path, self.model_dir, self.opt_steps
         try:
             with scratch_folder('lr_find') as tmp:
                 self.path, self.model_dir = tmp, 'models'
                 return super().lr_find(*args, **kwargs)
         finally:
-            self.path, self.model_dir = path, model_dir
+            self.path, self.model_dir, self.opt_steps = path, model_dir, steps  # its steps are undone too
             random.setstate(rng[0])
             np.random.set_state(rng[1])
             torch.set_rng_state(rng[2])
@@ -582,6 +588,8 @@ def causal_lm_learner(
     run_dir: str | os.PathLike | None = None,  # the run's folder (checkpoints/); default with checkpoints: runs/<time>
     checkpoint_every: int | None = None,  # save a checkpoint every this many optimizer steps
     keep: int | None = None,  # keep only the newest `keep` checkpoints (default: all)
+    log_every: int = 10,  # with a run_dir: a line of metrics.jsonl every this many optimizer steps
+    report_to=None,  # also send the logs to 'tensorboard', 'wandb', 'mlflow' or 'trackio'
     lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
     lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
     wd: float = 0.0,  # decoupled weight decay (on matrices only, unless wd_bn_bias=True)
@@ -628,6 +636,8 @@ def causal_lm_learner(
         run_dir=run_dir,
         checkpoint_every=checkpoint_every,
         keep=keep,
+        log_every=log_every,
+        report_to=report_to,
         loss_func=loss_func,
         opt_func=opt_func,
         lr=lr if lr is not None else (LORA_LR if lora else DEFAULT_LR),

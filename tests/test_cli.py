@@ -121,20 +121,67 @@ def test_train_eval_generate_on_a_tiny_model(tmp_path, corpora, tiny_model_dir, 
     report = out[out.index('epoch share') :]
     assert re.search(r'legal\s+True.*share 50%\s+50\.0%', report), report  # the share asked for, and got
     assert 'ppl_general' in out and 'ppl_legal' in out
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / 'out')
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / 'out' / 'model')
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     moved = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
     assert len(moved) == len(list(start.parameters())), 'every weight trains (no LoRA, no freezing)'
-    code, out, err = run(['eval', str(tmp_path / 'out'), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '16'],
-                         capsys)  # fmt: skip
+    model = tmp_path / 'out' / 'model'
+    code, out, err = run(['eval', str(model), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '16'], capsys)
     assert code == 0, err
-    expected = corpus_perplexity(trained, load_tokenizer(tmp_path / 'out'), Corpus(corpora / 'legal', name='legal'),
-                                 seq_len=16, precision='fp32').perplexity[0]  # fmt: skip
+    expected = corpus_perplexity(trained, load_tokenizer(model), Corpus(corpora / 'legal', name='legal'), seq_len=16,
+                                 precision='fp32').perplexity[0]  # fmt: skip
     shown = float(re.search(r'legal\s+\d+\s+([\d.]+)', out).group(1))
     assert shown == pytest.approx(expected, rel=1e-3)
-    code, out, err = run(['generate', str(tmp_path / 'out'), 'the lessee', '--max-new-tokens', '5'], capsys)
+    code, out, err = run(['generate', str(tmp_path / 'out' / 'model'), 'the lessee', '--max-new-tokens', '5'], capsys)
     text = out.rstrip('\n').split('\r')[-1]
     assert code == 0 and text.startswith('the lessee') and len(text) > len('the lessee')
+
+
+@pytest.mark.slow
+def test_train_checkpoints_and_resumes_to_the_same_model(tmp_path, corpora, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    out = tmp_path / 'run'
+    flags = [
+        'train',
+        '--model',
+        str(tiny_model_dir),
+        '--corpus',
+        f'general={corpora / "general"}',
+        '--corpus',
+        f'legal={corpora / "legal"}',
+        '--seq-len',
+        '32',
+        '--bs',
+        '4',
+        '--epochs',
+        '2',
+        '--lr',
+        '3e-3',
+        '--precision',
+        'fp32',
+        '--out',
+        str(out),
+        '--checkpoint-every',
+        '3',
+        '--keep',
+        '1000',
+        '--log-every',
+        '2',
+    ]
+    code, _, err = run(flags, capsys)  # fmt: skip
+    assert code == 0, err
+    first = AutoModelForCausalLM.from_pretrained(out / 'model')
+    steps = sorted(int(p.name[5:]) for p in (out / 'checkpoints').iterdir())
+    assert steps[:2] == [3, 6] and (out / 'metrics.jsonl').exists()
+    code, _, err = run(flags, capsys)
+    assert code == 2 and 'pass --resume to continue' in err
+    code, printed, err = run([*flags, '--resume', str(out / 'checkpoints' / 'step-3')], capsys)
+    assert code == 0, err
+    assert 'resuming from' in printed
+    second = AutoModelForCausalLM.from_pretrained(out / 'model')
+    assert all(torch.equal(p, second.get_parameter(n)) for n, p in first.named_parameters())
+    code, printed, err = run(['plot', str(out)], capsys)
+    assert code == 0 and (out / 'curves.png').exists()
 
 
 def test_quickstart_corpora_come_from_this_python(tmp_path):
