@@ -220,11 +220,63 @@ LORA = [
     ),
 ]
 
+LONG_RUNS = [
+    md(
+        '# 04 · Long runs: checkpoints, an interrupted run resumed exactly, the curves\n\n'
+        'A learner with a run folder logs every fit to `metrics.jsonl`; with `checkpoint_every` it also saves '
+        'checkpoints. Here a LoRA run is stopped halfway (as Ctrl-C or a lost machine would stop it), then a '
+        'new learner, as a new process would build it, goes on from the latest checkpoint: the same fit, bit '
+        'for bit, as if nothing had happened.'
+    ),
+    SETUP,
+    CORPORA,
+    code(
+        DATA + 'import shutil\n'
+        "shutil.rmtree('runs/demo', ignore_errors=True)\n"
+        'every = max(1, STEPS // 12)   # optimizer steps between checkpoints\n'
+        "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True, run_dir='runs/demo', checkpoint_every=every,\n"
+        '                          keep=2, log_every=every)\n'
+        'len(dls.train), every'
+    ),
+    md('## Stop it halfway\nA callback raises `KeyboardInterrupt` after a third of the steps, as Ctrl-C would.'),
+    code(
+        'from fastai.callback.core import Callback\n\n'
+        'stop = max(2, len(dls.train) // 3)\n\n\n'
+        'class CtrlC(Callback):\n'
+        '    def after_batch(self):\n'
+        '        if self.learn.opt_steps == stop:\n'
+        '            raise KeyboardInterrupt\n\n\n'
+        'try:\n'
+        '    learn.fit_one_cycle(1, cbs=CtrlC())\n'
+        'except KeyboardInterrupt:\n'
+        "    print('stopped at optimizer step', learn.opt_steps)\n"
+        "sorted(p.name for p in Path('runs/demo/checkpoints').iterdir())"
+    ),
+    md(
+        '## Resume in a new learner\nThe weights (here the adapters), the optimizer, the one-cycle position, '
+        'the mix sampler, the random generators and the recorder come back from the checkpoint.'
+    ),
+    code(
+        "learn = causal_lm_learner(dls, 'smollm2-135m', lora=True, run_dir='runs/demo', checkpoint_every=every,\n"
+        '                          keep=2, log_every=every)\n'
+        "learn.fit_one_cycle(1, resume='latest')"
+    ),
+    md('## The curves, from `metrics.jsonl`'),
+    code(
+        'import pandas as pd\n'
+        'from finetune import plot_run\n'
+        "curves = plot_run('runs/demo')\n"
+        "log = pd.read_json('runs/demo/metrics.jsonl', lines=True)\n"
+        "log[['step', 'train/loss', 'train/learning_rate', 'num_input_tokens_seen']].dropna().tail()"
+    ),
+]
+
 NOTEBOOKS = {
     '00_quickstart': QUICKSTART,
     '01_data_gathering': DATA_GATHERING,
     '02_training': TRAINING,
     '03_lora_and_export': LORA,
+    '04_long_runs': LONG_RUNS,
 }
 
 
