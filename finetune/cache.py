@@ -24,7 +24,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ['cache_dir', 'cache_folder', 'atomic_folder', 'scratch_folder', 'exchange']
+__all__ = [
+    'cache_dir',
+    'cache_folder',
+    'atomic_folder',
+    'atomic_write_text',
+    'remove_folder',
+    'sweep',
+    'scratch_folder',
+    'exchange',
+]
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -104,13 +113,18 @@ def _tmp_prefix(path: Path) -> str:
     return f'.{path.name}.tmp-'
 
 
-def _leftovers(path: Path) -> list[Path]:
-    """Temporary folders of earlier writes to `path` whose writer is gone: dead on this host, or long silent."""
+def _leftovers(path: Path, any_name: bool = False) -> list[Path]:
+    """Temporary folders of earlier writes to `path` (to anything in its folder, with `any_name`) whose writer
+    is gone: dead on this host, or long silent."""
     prefix, out = _tmp_prefix(path), []
     for old in path.parent.iterdir() if path.parent.is_dir() else []:
-        if not old.name.startswith(prefix):
+        if any_name and old.name.startswith('.') and '.tmp-' in old.name:
+            rest = old.name.split('.tmp-', 1)[1]
+        elif old.name.startswith(prefix):
+            rest = old.name[len(prefix) :]
+        else:
             continue
-        host, _, rest = old.name[len(prefix) :].partition('-')
+        host, _, rest = rest.partition('-')
         pid = rest.split('-', 1)[0]
         if host == _HOST and pid.isdigit():
             gone = int(pid) != os.getpid() and not _pid_alive(int(pid))
@@ -122,6 +136,12 @@ def _leftovers(path: Path) -> list[Path]:
         if gone:
             out.append(old)
     return out
+
+
+def sweep(folder: Path) -> None:
+    """Remove every temporary folder in `folder` whose writer is gone (deletions and writes killed halfway)."""
+    for old in _leftovers(Path(folder) / 'x', any_name=True):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -179,6 +199,25 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder so that it is never seen half deleted: hidden by one rename first, then removed."""
+    path = Path(path)
+    gone = path.with_name(f'{_tmp_prefix(path)}{_HOST}-{os.getpid()}-gone')
+    os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace the file `path` with `text` in one rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f'{_tmp_prefix(path)}{_HOST}-{os.getpid()}')
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -186,11 +186,12 @@ class TrainStepCallback(Callback):
         )
 
     def after_epoch(self):
-        self.check_finite()
+        if not hasattr(self.learn, 'lr_finder'):  # lr_find runs until the loss diverges, on purpose
+            self.check_finite()
 
     def scaler_state(self) -> dict | None:
         """The fp16 loss scaler's state (JSON), for checkpoints; None without fp16."""
-        return None if self.scaler is None else {k: float(v) for k, v in self.scaler.state_dict().items()}
+        return None if self.scaler is None else dict(self.scaler.state_dict())  # Python floats and ints
 
     def load_scaler_state(self, state: dict | None) -> None:
         """Use `state` for the loss scaler of the next fit (a resumed one)."""

@@ -22,7 +22,6 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from fastai.callback.core import Callback
 from safetensors.torch import load_file, save_file
 
-from .cache import atomic_folder
+from .cache import atomic_folder, remove_folder, sweep
 
 __all__ = [
     'Checkpoint',
@@ -46,6 +45,7 @@ __all__ = [
 ]
 
 MANIFEST = 'manifest.json'
+FILES = ('model.safetensors', 'optimizer.safetensors', 'rng.safetensors', 'state.json')
 FORMAT = 1
 
 
@@ -107,7 +107,7 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.T
                 tensors[f'{idx}.{name}'] = value.detach().contiguous().cpu()
             else:
                 plain_state.setdefault(str(idx), {})[name] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else _plain(v)) for k, v in g.items()} for g in sd['param_groups']]
+    groups = [{k: _plain(v) for k, v in g.items()} for g in sd['param_groups']]
     return {'param_groups': groups, 'state': plain_state}, tensors
 
 
@@ -123,11 +123,16 @@ def load_optimizer_state(opt: torch.optim.Optimizer, plain: dict, tensors: dict[
 
 
 def _plain(v):
-    if isinstance(v, (np.floating, np.integer)):
+    """numpy and torch scalars as Python numbers (also `json.dumps`'s fallback for anything else it meets)."""
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
         return v.item()
-    if isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
         return v.item()
-    return v
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (int, float, str, bool, dict)) or v is None:
+        return v
+    raise TypeError(f'{type(v).__name__} cannot be stored in a checkpoint')
 
 
 def save_checkpoint(
@@ -140,18 +145,14 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / 'model.safetensors')
         save_file(optimizer, tmp / 'optimizer.safetensors')
         save_file(rng_tensors, tmp / 'rng.safetensors')
-        (tmp / 'state.json').write_text(json.dumps(state, indent=1))
+        (tmp / 'state.json').write_text(json.dumps(state, indent=1, default=_plain))
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1))
+    sweep(folder.parent)  # what killed saves and deletions left behind
     if keep is not None:
         for old in checkpoints_in(folder.parent)[:-keep]:
-            _remove(old)
+            remove_folder(old)  # hidden first: a kill never leaves a half-deleted step-N in view
     return folder
-
-
-def _remove(path: Path) -> None:
-    (path / MANIFEST).unlink(missing_ok=True)  # first: a half-deleted folder is never taken as complete
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoints_in(folder: Path) -> list[Path]:
@@ -168,7 +169,9 @@ def find_checkpoint(where: str | Path, run_dir: Path | None) -> Path:
     """`'latest'`: the newest complete checkpoint of the run (incomplete ones skipped with a warning); else a path."""
     if where != 'latest':
         path = Path(where).expanduser()
-        if path.name != MANIFEST and not (path / MANIFEST).exists():
+        if path.name == MANIFEST:
+            path = path.parent
+        if not (path / MANIFEST).exists():
             found = checkpoints_in(path / 'checkpoints') or checkpoints_in(path)
             if not found:
                 raise FileNotFoundError(
@@ -192,6 +195,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint, after checking each file's SHA-256 against the manifest (no pickle is ever loaded)."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
+    missing = sorted(set(FILES) - set(manifest))
+    if missing:
+        raise ValueError(f'checkpoint {path}: its manifest does not list {missing}; it is not a complete checkpoint')
     for name, digest in manifest.items():
         file = path / name
         if not file.is_file():
@@ -234,8 +240,27 @@ class SaveCheckpoint(Callback):
         self.every_n_steps, self.keep = every_n_steps, keep
 
     def before_fit(self):
-        self.active = not hasattr(self.learn, 'lr_finder')
+        self.active = self.learn.fitting and not hasattr(self.learn, 'lr_finder')  # not validate(), not lr_find
         self._due = False
+        if not self.active:
+            return
+        learn = self.learn
+        if learn._fit_plan is None:
+            raise ValueError(
+                'checkpoints are taken during fit_one_cycle and fine_tune, which can resume; this fit could not: '
+                'use learn.fit_one_cycle(...), or a learner without checkpoint_every'
+            )
+        if not hasattr(learn.opt, 'opt'):
+            raise ValueError("checkpoints need a torch optimizer behind fastai's OptimWrapper (the default adamw)")
+        folder = learn.run_dir / 'checkpoints'
+        later = [p for p in checkpoints_in(folder) if int(p.name[5:]) > learn.opt_steps]
+        if later and learn._resume is None:
+            raise FileExistsError(
+                f"{folder} holds checkpoints of another run, up to {later[-1].name}: resume it (resume='latest') "
+                'or give this run its own run_dir'
+            )
+        if not folder.exists():
+            print(f'checkpoints every {self.every_n_steps} optimizer steps go to {folder}/')
 
     def before_batch(self):
         self._steps_before = self.learn.opt_steps
@@ -304,6 +329,11 @@ class ResumeCallback(Callback):
 
     def after_train(self):
         self.in_epoch = False
+
+    def after_fit(self):
+        if self.first_batch and self.epoch >= self.learn.n_epoch:  # a fit that had ended: nothing ran, restore
+            restore_recorder(self.learn, self.checkpoint.state['recorder'])
+            self._restore_rng()
 
 
 def recorder_state(learn) -> dict:

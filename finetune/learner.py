@@ -168,9 +168,9 @@ class CausalLMLearner(Learner):
         self.opt_steps = 0  # optimizer steps over the learner's life (TrainStepCallback counts them)
         self._fit_plan, self._resume = None, None  # the fit running now, for checkpoints; the checkpoint it resumes
         self._phase = None  # the phase of `fine_tune` running now
+        self.fitting = False  # True inside fit (not validate or get_preds)
         if (checkpoint_every is not None or report_to) and run_dir is None:
-            run_dir = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
-            print(f'this run writes to {run_dir}/ (pass run_dir= to choose the folder)')
+            run_dir = _new_run_dir()  # said at the first fit
         self.run_dir = Path(run_dir) if run_dir is not None else None
         own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
@@ -203,11 +203,14 @@ class CausalLMLearner(Learner):
     def _with_events(self, f, event_type, ex, final=noop):
         if event_type != 'fit':
             return super()._with_events(f, event_type, ex, final)
+        self.fitting = True  # callbacks tell a fit from validate() and get_preds(), which run before_fit too
         try:  # before_fit included: a callback that fails there must not leave the others' changes behind
             super()._with_events(f, event_type, ex, final)
         except BaseException:
             self._end_failed_fit()
             raise
+        finally:
+            self.fitting = False
 
     def _do_fit(self):  # fastai's, starting at a resumed checkpoint's epoch
         start = self._resume.state['position']['epoch'] if self._resume is not None else 0
@@ -343,24 +346,26 @@ class CausalLMLearner(Learner):
     @contextmanager
     def _fit_as(self, plan: dict, resume, force: bool):
         """The fit described by `plan` runs inside: checkpoints record it; `resume` loads one and goes on from it."""
+        json.dumps(plan)  # a fit argument that cannot be recorded fails here, not at the first checkpoint
         extra = L()
         if resume is not None:
             path = find_checkpoint(resume, self.run_dir)
-            self._resume = self.load_checkpoint(path, force=force)
-            saved = {k: v for k, v in self._resume.state['fit'].items()}
+            checkpoint = read_checkpoint(path)
+            saved = checkpoint.state['fit']
             if saved != plan and not force:
                 diff = {k: (saved.get(k), plan.get(k)) for k in set(saved) | set(plan) if saved.get(k) != plan.get(k)}
                 raise ValueError(
                     f'checkpoint {path} was saved by a different fit: {diff} (checkpoint, now); call it with the '
                     'same arguments, or pass force=True'
                 )
-            extra = L(ResumeCallback(self._resume))
-            where = self._resume.state['position']
+            self.load_checkpoint(checkpoint, force=force)
+            extra = L(ResumeCallback(checkpoint))
+            where = checkpoint.state['position']
             print(
                 f'resuming from {path}: epoch {where["epoch"]}, {where["iter"]} batches into it, step {self.opt_steps}'
             )
-        self._fit_plan = plan
         try:
+            self._fit_plan, self._resume = plan, (checkpoint if resume is not None else None)
             yield extra
         finally:
             self._fit_plan, self._resume = None, None
@@ -485,24 +490,32 @@ class CausalLMLearner(Learner):
         folder = self.run_dir / 'checkpoints' / f'step-{self.opt_steps}'
         return save_checkpoint(folder, state, weights, optimizer_tensors, keep)
 
-    def load_checkpoint(self, path: str | os.PathLike, force: bool = False) -> Checkpoint:
+    def load_checkpoint(self, checkpoint: str | os.PathLike | Checkpoint, force: bool = False) -> Checkpoint:
         """Load weights, optimizer, frozen groups, sampler, trained tokens and step count from a checkpoint.
 
-        Refuses (unless `force=True`) a checkpoint of other data (token stores), another model or
-        another batch size, naming what differs. Where the fit stood is applied by `fit_one_cycle(resume=...)`.
+        Refuses (unless `force=True`) a checkpoint of other data (token stores), another model, another
+        batch size or other training settings (accumulation, clipping, precision), naming what differs,
+        before anything is changed. Where the fit stood is applied by `fit_one_cycle(resume=...)`.
         """
-        ckpt = read_checkpoint(Path(path))
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(Path(checkpoint))
         mine, saved = self._identity(), ckpt.state['identity']
-        differ = {k: (saved.get(k), mine.get(k)) for k in ('data', 'model', 'bs') if saved.get(k) != mine.get(k)}
+        keys = ('data', 'model', 'bs', 'training')
+        differ = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
         if differ and not force:
             raise ValueError(
                 f'checkpoint {ckpt.path} does not match this learner: {differ} (checkpoint, learner); resume with '
-                'the same corpora, model and batch size, or pass force=True'
+                'the same corpora, model, batch size and training settings, or pass force=True'
             )
         params = dict(self.model.named_parameters())
         unknown = sorted(set(ckpt.model) - set(params))
         if unknown:
             raise ValueError(f'checkpoint {ckpt.path} holds weights this model lacks: {unknown[:5]}')
+        sampler = self.dls.sampler if isinstance(self.dls, LMDataLoaders) and 'sampler' in ckpt.state else None
+        if sampler is not None and list(ckpt.state['sampler']['draws']) != list(sampler.plan.draws):
+            raise ValueError(
+                f'checkpoint {ckpt.path} is for per-corpus draws {ckpt.state["sampler"]["draws"]} per epoch, these '
+                f'DataLoaders draw {sampler.plan.draws}: resume with the same corpora, mix and seq_len'
+            )
         with torch.no_grad():
             for name, tensor in ckpt.model.items():
                 params[name].copy_(tensor)
@@ -510,8 +523,8 @@ class CausalLMLearner(Learner):
             self.create_opt()
         self.freeze_to(ckpt.state['frozen_idx']) if ckpt.state['frozen_idx'] else self.unfreeze()
         load_optimizer_state(self.opt.opt, ckpt.state['optimizer'], ckpt.optimizer)
-        if isinstance(self.dls, LMDataLoaders) and 'sampler' in ckpt.state:
-            self.dls.sampler.load_state_dict(ckpt.state['sampler'])
+        if sampler is not None:
+            sampler.load_state_dict(ckpt.state['sampler'])
             self.dls.trained_tokens = list(ckpt.state['trained_tokens'])
         self.train_step.load_scaler_state(ckpt.state['scaler'])
         self.opt_steps = ckpt.step
@@ -530,6 +543,11 @@ class CausalLMLearner(Learner):
             'data': data,  # token-store keys: a hash of each corpus's contents and the tokenizer
             'model': [type(model).__name__, sum(p.numel() for p in model.parameters())],
             'bs': getattr(self.dls.train, 'bs', None),
+            'training': {
+                'accum_steps': self.train_step.accum_steps,
+                'clip': self.train_step.clip,
+                'precision': str(self.precision).replace('torch.', '') if self.precision is not None else 'fp32',
+            },
             'versions': {
                 'finetune': __version__,
                 'torch': torch.__version__,
@@ -699,3 +717,13 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+def _new_run_dir() -> Path:
+    """`runs/<date-time>`, with a suffix if a run of the same second has it already."""
+    base = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f'{base.name}-{n}')
+    return path

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback
 
+from .cache import atomic_write_text
 from .loss import IGNORE_INDEX
 
 __all__ = ['MetricsLog', 'REPORTERS', 'read_metrics', 'plot_run']
@@ -113,12 +114,15 @@ class MetricsLog(Callback):
         self.active = not hasattr(self.learn, 'lr_finder')
         if not self.active:
             return
+        if not self.run_dir.exists():
+            print(f'this run writes its logs{" and checkpoints" if hasattr(self.learn, "checkpointer") else ""} '
+                  f'to {self.run_dir}/')  # fmt: skip
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / 'metrics.jsonl'
         resumed = getattr(self.learn, '_resume', None)
         if resumed is not None and path.exists():  # lines the stopped run wrote after its checkpoint are redone
             kept = [line for line in read_metrics(path) if line['step'] <= resumed.step]
-            path.write_text(''.join(json.dumps(line) + '\n' for line in kept))
+            atomic_write_text(path, ''.join(json.dumps(line) + '\n' for line in kept))
         self.file = open(path, 'a')
         self.reporters = [_Reporter(n, self.run_dir) for n in self.report_to]
         self.names = list(getattr(self.dls, 'names', []))
@@ -187,7 +191,8 @@ class MetricsLog(Callback):
             self._write(line)
 
     def _write(self, line: dict) -> None:
-        self.file.write(json.dumps(line) + '\n')
+        line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
+        self.file.write(json.dumps(line) + '\n')  # a NaN is written as null: strict JSON readers take it
         self.file.flush()
         for reporter in self.reporters:
             reporter.log(line, line['step'])
@@ -213,7 +218,16 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
     path = path / 'metrics.jsonl' if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f'{path} does not exist: a fit writes it when the learner has a run_dir')
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f'{path} line {i + 1} is not JSON: {line[:80]!r}') from None
+            # the last line of a process killed while writing it: dropped
+    return out
 
 
 def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None):

@@ -144,6 +144,17 @@ def test_a_pickle_in_a_checkpoint_never_executes(saved, tmp_path):
     assert not marker.exists()
 
 
+def test_a_new_fit_will_not_write_over_another_runs_checkpoints(saved, two, tokenizer):
+    learn = causal_lm_learner(two, tiny_llama(len(tokenizer)), precision='fp32', run_dir=saved[-1].parent.parent,
+                              checkpoint_every=2)  # fmt: skip
+    with pytest.raises(FileExistsError, match=r'holds checkpoints of another run, up to step-\d+: resume it'):
+        learn.fit_one_cycle(1, 1e-3)
+    learn.validate()  # validation alone is no fit: nothing to refuse
+    with pytest.raises(ValueError, match='checkpoints are taken during fit_one_cycle and fine_tune'):
+        causal_lm_learner(two, tiny_llama(len(tokenizer)), run_dir=saved[-1].parent.parent / 'other',
+                          checkpoint_every=2).fit(1, 1e-3)  # fmt: skip
+
+
 def test_latest_skips_an_incomplete_checkpoint_with_a_warning(saved):
     run_dir = saved[-1].parent.parent
     half = run_dir / 'checkpoints' / 'step-99999'
@@ -213,8 +224,9 @@ from pathlib import Path
 dls = lm_dataloaders(corpora(Path({data!r})), tok, seq_len=16, bs=4, cache={cache!r}, verbose=False)
 learn = causal_lm_learner(dls, tiny_llama(len(tok)), precision='fp32', run_dir={run!r}, checkpoint_every=1, keep=3)
 print('ready', flush=True)
+started = (Path({run!r}) / 'checkpoints').exists()
 with learn.no_bar():
-    learn.fit_one_cycle(50, 1e-3)
+    learn.fit_one_cycle(50, 1e-3, resume='latest' if started else None)  # each kill, then resumed
 """
 
 
