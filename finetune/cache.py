@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import socket
@@ -33,6 +34,7 @@ __all__ = [
     'sweep',
     'scratch_folder',
     'exchange',
+    'sha256_file',
 ]
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -43,6 +45,15 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     if path is None:
         path = os.environ.get('FINETUNE_CACHE') or Path.home() / '.cache' / 'finetune'
     return Path(path).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read 4 MB at a time."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_folder(*parts: str, cache: str | os.PathLike | None = None) -> Path:

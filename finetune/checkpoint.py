@@ -18,12 +18,12 @@ half-written `step-N`. Loading checks every file against the manifest first and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,9 @@ import torch
 from fastai.callback.core import Callback
 from safetensors.torch import load_file, save_file
 
-from .cache import atomic_folder, remove_folder, sweep
+from .cache import atomic_folder, remove_folder, sha256_file, sweep
+from .callbacks import MixCallback
+from .data import LMDataLoaders
 
 __all__ = [
     'Checkpoint',
@@ -41,20 +43,17 @@ __all__ = [
     'read_checkpoint',
     'find_checkpoint',
     'checkpoints_in',
+    'learner_state',
+    'restore_learner',
+    'learner_identity',
+    'jsonable',
+    'new_run_dir',
     'MANIFEST',
 ]
 
 MANIFEST = 'manifest.json'
 FILES = ('model.safetensors', 'optimizer.safetensors', 'rng.safetensors', 'state.json')
 FORMAT = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -147,7 +146,7 @@ def save_checkpoint(
         save_file(rng_tensors, tmp / 'rng.safetensors')
         (tmp / 'state.json').write_text(json.dumps(state, indent=1, default=_plain))
         files = sorted(p.name for p in tmp.iterdir())
-        (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}, indent=1))
     sweep(folder.parent)  # what killed saves and deletions left behind
     if keep is not None:
         for old in checkpoints_in(folder.parent)[:-keep]:
@@ -202,7 +201,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         file = path / name
         if not file.is_file():
             raise ValueError(f'checkpoint {path}: {name} is listed in its manifest but missing')
-        actual = _sha256(file)
+        actual = sha256_file(file)
         if actual != digest:
             raise ValueError(
                 f'checkpoint {path}: {name} does not match its manifest (SHA-256 {actual[:12]}..., expected '
@@ -359,3 +358,126 @@ def restore_recorder(learn, state: dict) -> None:
     scheduler = next((cb for cb in learn.cbs if type(cb).__name__ == 'ParamScheduler'), None)
     if scheduler is not None and state['hps']:
         scheduler.hps = {k: list(v) for k, v in state['hps'].items()}
+
+
+def learner_state(learn, epoch_done: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What a checkpoint of `learn` holds now: the JSON state, the weights to save, the optimizer's tensors.
+
+    Called at an optimizer-step boundary: after a batch (the epoch goes on at the next one) or, with
+    `epoch_done`, after the epoch's validation (the next epoch starts from its beginning).
+    """
+    position = {
+        'step': learn.opt_steps,
+        'epoch': learn.epoch + 1 if epoch_done else learn.epoch,
+        'iter': 0 if epoch_done else learn.iter + 1,  # batches of the epoch done
+        'n_iter': learn.n_iter,
+        'train_iter': learn.train_iter,
+        'pct_train': learn.pct_train,
+        'n_epoch': learn.n_epoch,
+    }
+    optimizer, optimizer_tensors = optimizer_state(learn.opt.opt)
+    state = {
+        'position': position,
+        'fit': learn._fit_plan,
+        'frozen_idx': learn.opt.frozen_idx,
+        'optimizer': optimizer,
+        'recorder': recorder_state(learn),
+        'scaler': learn.train_step.scaler_state(),
+        'identity': learner_identity(learn),
+    }
+    if isinstance(learn.dls, LMDataLoaders):
+        state['sampler'] = learn.dls.sampler.state_dict()
+        trained = list(learn.dls.trained_tokens)
+        mix = next((cb for cb in learn.cbs if isinstance(cb, MixCallback)), None)
+        if mix is not None and mix.counts is not None:  # what this fit has trained so far, not yet recorded
+            trained = [a + int(b) for a, b in zip(trained, mix.counts.tolist())]
+        state['trained_tokens'] = trained
+    weights = {n: p for n, p in learn.model.named_parameters() if learn.only is None or id(p) in learn.only}
+    return state, weights, optimizer_tensors
+
+
+def restore_learner(learn, ckpt: Checkpoint, force: bool = False) -> None:
+    """Put `ckpt`'s weights, optimizer, frozen groups, sampler, trained tokens and step count into `learn`.
+
+    Everything is checked first (data, model, batch size, training settings, weights, sampler), so
+    a refused checkpoint changes nothing.
+    """
+    mine, saved = learner_identity(learn), ckpt.state['identity']
+    differ = {
+        k: (saved.get(k), mine.get(k)) for k in ('data', 'model', 'bs', 'training') if saved.get(k) != mine.get(k)
+    }
+    if differ and not force:
+        raise ValueError(
+            f'checkpoint {ckpt.path} does not match this learner: {differ} (checkpoint, learner); resume with '
+            'the same corpora, model, batch size and training settings, or pass force=True'
+        )
+    params = dict(learn.model.named_parameters())
+    unknown = sorted(set(ckpt.model) - set(params))
+    if unknown:
+        raise ValueError(f'checkpoint {ckpt.path} holds weights this model lacks: {unknown[:5]}')
+    sampler = learn.dls.sampler if isinstance(learn.dls, LMDataLoaders) and 'sampler' in ckpt.state else None
+    if sampler is not None and list(ckpt.state['sampler']['draws']) != list(sampler.plan.draws):
+        raise ValueError(
+            f'checkpoint {ckpt.path} is for per-corpus draws {ckpt.state["sampler"]["draws"]} per epoch, these '
+            f'DataLoaders draw {sampler.plan.draws}: resume with the same corpora, mix and seq_len'
+        )
+    with torch.no_grad():
+        for name, tensor in ckpt.model.items():
+            params[name].copy_(tensor)
+    if learn.opt is None:
+        learn.create_opt()
+    learn.freeze_to(ckpt.state['frozen_idx']) if ckpt.state['frozen_idx'] else learn.unfreeze()
+    load_optimizer_state(learn.opt.opt, ckpt.state['optimizer'], ckpt.optimizer)
+    if sampler is not None:
+        sampler.load_state_dict(ckpt.state['sampler'])
+        learn.dls.trained_tokens = list(ckpt.state['trained_tokens'])
+    learn.train_step.load_scaler_state(ckpt.state['scaler'])
+    learn.opt_steps = ckpt.step
+
+
+def learner_identity(learn) -> dict:
+    """What a checkpoint must share with the learner that resumes it, and the versions it was made with."""
+    import fastai
+    import transformers
+
+    from . import __version__
+
+    model = learn.model
+    data = [s.store.path.name for s in learn.dls.packed.splits] if isinstance(learn.dls, LMDataLoaders) else None
+    return {
+        'data': data,  # token-store keys: a hash of each corpus's contents and the tokenizer
+        'model': [type(model).__name__, sum(p.numel() for p in model.parameters())],
+        'bs': getattr(learn.dls.train, 'bs', None),
+        'training': {
+            'accum_steps': learn.train_step.accum_steps,
+            'clip': learn.train_step.clip,
+            'precision': str(learn.precision).replace('torch.', '') if learn.precision is not None else 'fp32',
+        },
+        'versions': {
+            'finetune': __version__,
+            'torch': torch.__version__,
+            'transformers': transformers.__version__,
+            'fastai': fastai.__version__,
+        },
+    }
+
+
+def jsonable(value):
+    """A fit argument as JSON: numbers, lists, and `slice(a, b)` as {'slice': [a, b]}."""
+    if isinstance(value, slice):
+        return {'slice': [jsonable(value.start), jsonable(value.stop)]}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def new_run_dir() -> Path:
+    """`runs/<date-time>`, with a suffix if a run of the same second has it already."""
+    base = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f'{base.name}-{n}')
+    return path

