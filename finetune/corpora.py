@@ -17,6 +17,8 @@ import glob
 import hashlib
 import io
 import json
+import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator
@@ -221,27 +223,37 @@ def _short(source) -> str:
 
 
 def _resolve_files(source: str) -> list[Path]:
-    """The files of a source, in sorted order. A folder is searched recursively for known suffixes."""
-    if any(c in source for c in '*?['):
+    """The files of a source, in sorted order. A folder is searched recursively for known suffixes.
+
+    A path that exists is always that path, even with `*?[` in its name; only one that does not
+    exist is taken as a glob pattern. Symlinked files and folders inside a folder are followed (a
+    folder reached twice, as through a symlink loop, is searched once).
+    """
+    path = Path(source)
+    if not path.exists() and not path.is_symlink():
+        if not any(c in source for c in '*?['):
+            raise FileNotFoundError(f'corpus source {source!r} does not exist')
         files = sorted(
             Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file() or _is_dataset_dir(Path(p))
         )
         if not files:
-            raise FileNotFoundError(f'no files match the pattern {source!r}')
+            raise FileNotFoundError(f'corpus source {source!r} does not exist, and no files match it as a pattern')
         return files
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f'corpus source {source!r} does not exist')
-    if path.is_file() or _is_dataset_dir(path):
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f'corpus source {source!r} is a symlink to {os.readlink(path)!r}, which does not exist')
+    if _is_dataset_dir(path):
+        return [path]
+    if not path.is_dir():
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError(
+                f'corpus source {source!r} is not a regular file (a FIFO, socket or device): copy its text to a file'
+            )
         return [path]
     files, skipped = [], []
-    for p in sorted(path.rglob('*')):
-        rel = p.relative_to(path)
-        if any(part.startswith('.') for part in rel.parts):
-            continue
+    for p in _walk(path):
         if _is_dataset_dir(p):
             files.append(p)
-        elif p.is_file() and not any(_is_dataset_dir(parent) for parent in p.parents if path in parent.parents):
+        elif p.is_file():
             (files if p.suffix.lower() in TEXT_SUFFIXES + RECORD_SUFFIXES else skipped).append(p)
     if skipped:
         suffixes = sorted({p.suffix or '(none)' for p in skipped})
@@ -253,6 +265,30 @@ def _resolve_files(source: str) -> list[Path]:
     if not files:
         raise FileNotFoundError(f'folder {source!r} holds no {"/".join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files')
     return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden entry under `root`, sorted, following symlinked folders once each (no loops).
+
+    A saved `datasets` folder is returned whole, not searched.
+    """
+    out, seen = [], set()
+
+    def visit(folder: Path):
+        real = os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith('.'):
+                continue
+            if p.is_dir() and not _is_dataset_dir(p):
+                visit(p)
+            else:
+                out.append(p)
+
+    visit(root)
+    return sorted(out)
 
 
 def _open_text(path: Path, errors: str, newline: str | None = None) -> io.TextIOWrapper:

@@ -1,6 +1,7 @@
 """Corpus reading: every source format, streaming, order, and the bad inputs."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -205,3 +206,37 @@ def test_csv_reads_huge_fields_without_changing_the_process_wide_limit(tmp_path)
     docs = list(Corpus(path).documents())
     assert docs == [big, 'small']
     assert csv.field_size_limit() == before
+
+
+def test_an_existing_path_is_that_path_even_with_glob_characters(tmp_path):
+    (tmp_path / 'notes[1].txt').write_text('the real notes')
+    (tmp_path / 'notes1.txt').write_text('what the pattern would match')
+    assert list(Corpus(tmp_path / 'notes[1].txt').documents()) == ['the real notes']
+    folder = tmp_path / 'news[2024]'
+    folder.mkdir()
+    (folder / 'a.txt').write_text('an article')
+    assert list(Corpus(folder).documents()) == ['an article']
+    assert list(Corpus(str(tmp_path / 'notes*.txt')).documents()) == ['what the pattern would match', 'the real notes']
+    with pytest.raises(FileNotFoundError, match=r"'.*nothing\[9\].txt' does not exist, and no files match it as a"):
+        Corpus(tmp_path / 'nothing[9].txt')
+
+
+def test_symlinked_folders_and_files_are_both_followed_and_loops_end(tmp_path):
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    (outside / 'b.txt').write_text('in a linked folder')
+    (tmp_path / 'single.txt').write_text('a linked file')
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    (corpus / 'a.txt').write_text('plain')
+    (corpus / 'linked').symlink_to(outside, target_is_directory=True)
+    (corpus / 'file.txt').symlink_to(tmp_path / 'single.txt')
+    (outside / 'back').symlink_to(corpus, target_is_directory=True)  # a loop through the link
+    assert sorted(Corpus(corpus).documents()) == ['a linked file', 'in a linked folder', 'plain']
+
+
+def test_a_fifo_is_refused_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / 'pipe.txt'
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"'.*pipe.txt' is not a regular file \(a FIFO"):
+        Corpus(fifo)
