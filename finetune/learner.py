@@ -7,7 +7,7 @@ for lives here in one place: `groups()`, `generate`, `save_pretrained`, and the 
 freezing, `lr_find` and `get_preds` right for LLMs.
 
 Defaults, and why (fine-tuning a pretrained LM, not training a CNN head):
-- torch's fused AdamW, no weight decay on norms and biases, `wd=0` as in the HF Trainer;
+- torch's fused AdamW, no weight decay on 1-D tensors (norms, biases), `wd=0` as in the HF Trainer;
 - peak LR 1e-4 for full fine-tuning and 2e-4 with LoRA (fastai's 2e-3 is for new heads);
 - `fine_tune`: one frozen epoch (only the last group, norm + LM head, trains), then all groups with
   discriminative LRs spread over `lr_mult=10`: about 0.92x per layer on a 30-layer model, the range
