@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler
 from safetensors.torch import load_file, save_file
 
 from .cache import atomic_folder, remove_folder, sha256_file, sweep
@@ -335,10 +336,15 @@ class ResumeCallback(Callback):
             self._restore_rng()
 
 
+def _scheduler(learn) -> ParamScheduler | None:
+    """The one-cycle schedule of the fit in progress (its `hps` are the recorder's schedule history)."""
+    return next((cb for cb in learn.cbs if isinstance(cb, ParamScheduler)), None)
+
+
 def recorder_state(learn) -> dict:
     rec = learn.recorder
     smooth = rec.smooth_loss
-    scheduler = next((cb for cb in learn.cbs if type(cb).__name__ == 'ParamScheduler'), None)
+    scheduler = _scheduler(learn)
     return {
         'lrs': [float(x) for x in rec.lrs],
         'losses': [float(x) for x in rec.losses],
@@ -355,7 +361,7 @@ def restore_recorder(learn, state: dict) -> None:
     rec.losses = [torch.tensor(x) for x in state['losses']]
     rec.smooth_loss.count = state['smooth_loss']['count']
     rec.smooth_loss.val = torch.tensor(state['smooth_loss']['val'])
-    scheduler = next((cb for cb in learn.cbs if type(cb).__name__ == 'ParamScheduler'), None)
+    scheduler = _scheduler(learn)
     if scheduler is not None and state['hps']:
         scheduler.hps = {k: list(v) for k, v in state['hps'].items()}
 

@@ -28,7 +28,6 @@ __all__ = [
     'DEFAULT_GROUPS',
     'LayerGroup',
     'decoder_groups',
-    'decoder_splitter',
     'find_blocks',
     'is_norm',
     'norm_bias_params',
@@ -180,12 +179,3 @@ def _short_names(names: list[str]) -> list[str]:
         if module not in out:
             out.append(module)
     return out
-
-
-def decoder_splitter(n_groups: int | None = None, only: set[int] | None = None):
-    """A fastai splitter: `model -> list of parameter lists`, one per `decoder_groups` group."""
-
-    def splitter(model: nn.Module) -> list[list[torch.nn.Parameter]]:
-        return [g.params for g in decoder_groups(model, n_groups, only)]
-
-    return splitter
