@@ -21,6 +21,7 @@ import torch
 from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 from fastai.callback.progress import ProgressCallback
 
+from .distributed import all_reduce_sum
 from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass
 from .precision import autocast
 from .splitter import find_blocks
@@ -89,7 +90,9 @@ class MixCallback(Callback):
     """Keeps the mix sampler's place, so the next fit resumes the epoch, and counts trained tokens per corpus.
 
     `lr_find` runs are not counted and do not move the sampler: the data order after it is the same.
-    Counts stay on the device during the fit and are handed to `dls.record_trained` at its end.
+    Counts stay on the device during the fit and are handed to `dls.record_trained` at its end. With
+    several processes the sampler moves by whole global batches and the counts are summed over the
+    processes at each epoch's end (`trained()` sums them at any step boundary, for checkpoints).
     """
 
     order = 5
@@ -97,22 +100,37 @@ class MixCallback(Callback):
     def before_fit(self):
         self.sampler = self.dls.train.sampler
         self.active = not hasattr(self.learn, 'lr_finder')
-        self.counts = None
+        self.procs = getattr(self.learn, 'world', 1)
+        self.counts, self.summed = None, None  # this process's since the last sum; every process's
 
     def after_batch(self):
         if not (self.active and self.training) or len(self.yb) < 2:
             return
         labels, corpus = self.yb[0], self.yb[1]
-        self.sampler.advance(len(labels))
+        self.sampler.advance(self.sampler.step_blocks(len(labels) if self.procs == 1 else self.dl.bs, self.procs))
         tokens = (labels != IGNORE_INDEX).sum(-1)
         counts = torch.zeros(len(self.dls.names), dtype=torch.long, device=tokens.device)
         counts.index_add_(0, corpus.long(), tokens)
         self.counts = counts if self.counts is None else self.counts + counts
 
-    def after_fit(self):
+    def trained(self) -> list[int] | None:
+        """Tokens this fit has trained per corpus so far, over every process (all of them must call it)."""
         if self.counts is not None:
-            self.dls.record_trained(self.counts.tolist())
+            counts = all_reduce_sum(self.counts) if self.procs > 1 else self.counts
+            self.summed = counts if self.summed is None else self.summed + counts
             self.counts = None
+        return None if self.summed is None else self.summed.tolist()
+
+    def after_train(self):
+        if self.active:
+            self.trained()
+
+    def after_fit(self):
+        if self.procs == 1 or not getattr(self.learn, 'fit_failed', False):  # a failed fit cannot reach the others
+            self.trained()
+        if self.summed is not None:
+            self.dls.record_trained(self.summed.tolist())
+        self.counts, self.summed = None, None
 
 
 class TrainStepCallback(Callback):
@@ -123,7 +141,10 @@ class TrainStepCallback(Callback):
        that dtype);
     2. with `accum_steps` > 1, backpropagate each micro-batch's summed token loss and step every
        `accum_steps` micro-batches (and at the end of an epoch), dividing the gradients by the
-       tokens of the whole window: exactly the gradient of one large batch;
+       tokens of the whole window: exactly the gradient of one large batch. With several processes
+       (`procs` > 1, with `ddp.DDPTrainer`) the same, with the window's tokens summed over every
+       process (DDP averages the gradients, so they are multiplied back by `procs`), and
+       `learn.loss` is the mean token loss of the global batch, not of this process's rows;
     3. fp16 only: scale the loss, unscale the gradients before clipping, skip steps that overflow;
     4. clip the gradient norm to `clip` (None: no clipping);
     5. watch the loss: the first batch whose loss is NaN or infinite is noted on the device (no
@@ -140,10 +161,12 @@ class TrainStepCallback(Callback):
         if clip is not None and not clip > 0:
             raise ValueError(f'clip must be a positive gradient norm or None, got {clip!r}')
         self.accum_steps, self.clip = accum_steps, clip
+        self.procs = 1  # processes training together: `learn.world`, read at each fit's start
         self._autocast, self.scaler, self._scaler_state = None, None, None
         self.grad_norm = None  # the last step's gradient norm before clipping (with clip set)
 
     def before_fit(self):
+        self.procs = getattr(self.learn, 'world', 1)
         self._dtype = self.learn.precision
         self.device_type = next(self.learn.model.parameters()).device.type
         if self._dtype == torch.float16 and self.device_type != 'cuda':
@@ -158,6 +181,10 @@ class TrainStepCallback(Callback):
     def after_loss(self):
         if not self.training:
             return
+        if self.procs > 1:  # one small all-reduce: the global batch's loss and token count
+            n = (self.yb[0] != IGNORE_INDEX).sum()
+            both = all_reduce_sum(torch.stack([self.learn.loss.detach().float() * n, n.float()]))
+            self.learn.loss, self._global_tokens = both[0] / both[1].clamp(min=1), both[1]
         loss = self.learn.loss.detach()
         bad = ~torch.isfinite(loss)
         corpus = self.yb[1] if len(self.yb) > 1 else None
@@ -220,25 +247,31 @@ class TrainStepCallback(Callback):
 
     # 2-3. accumulation and loss scaling
     def before_backward(self):
-        if self.accum_steps > 1:
+        if self.accum_steps > 1 or self.procs > 1:
             n = (self.yb[0] != IGNORE_INDEX).sum()
             self.learn.loss_grad = self.loss_grad * n
-            self.window_tokens = self.window_tokens + n
+            self.window_tokens = self.window_tokens + (n if self.procs == 1 else self._global_tokens)
         if self.scaler is not None:
             self.learn.loss_grad = self.scaler.scale(self.loss_grad)
 
+    def last_micro_batch(self) -> bool:
+        """Whether the batch about to run ends an accumulation window (the optimizer steps after it)."""
+        return self.count + 1 >= self.accum_steps or self.iter >= self.n_iter - 1
+
     def after_backward(self):
         if self.accum_steps > 1:
+            last = self.last_micro_batch()
             self.count += 1
-            if self.count < self.accum_steps and self.iter < self.n_iter - 1:
+            if not last:
                 raise CancelBatchException()
 
     def before_step(self):
         self._cancelled = False
         params = [p for p in self.learn.model.parameters() if p.grad is not None]
-        if self.accum_steps > 1:
+        if self.accum_steps > 1 or self.procs > 1:
             if params:
-                torch._foreach_div_([p.grad for p in params], self.window_tokens.clamp(min=1).to(params[0].grad.dtype))
+                per_token = self.window_tokens.clamp(min=1) / self.procs
+                torch._foreach_div_([p.grad for p in params], per_token.to(params[0].grad.dtype))
             self.count, self.window_tokens = 0, 0
         if self.scaler is not None:
             self.scaler.unscale_(self)

@@ -395,8 +395,9 @@ def learner_state(learn, epoch_done: bool = False) -> tuple[dict, dict[str, torc
         state['sampler'] = learn.dls.sampler.state_dict()
         trained = list(learn.dls.trained_tokens)
         mix = next((cb for cb in learn.cbs if isinstance(cb, MixCallback)), None)
-        if mix is not None and mix.counts is not None:  # what this fit has trained so far, not yet recorded
-            trained = [a + int(b) for a, b in zip(trained, mix.counts.tolist())]
+        now = mix.trained() if mix is not None else None  # what this fit has trained so far, not yet recorded
+        if now is not None:
+            trained = [a + int(b) for a, b in zip(trained, now)]
         state['trained_tokens'] = trained
     weights = {n: p for n, p in learn.model.named_parameters() if learn.only is None or id(p) in learn.only}
     return state, weights, optimizer_tensors
@@ -412,10 +413,17 @@ def restore_learner(learn, ckpt: Checkpoint, force: bool = False) -> None:
     differ = {
         k: (saved.get(k), mine.get(k)) for k in ('data', 'model', 'bs', 'training') if saved.get(k) != mine.get(k)
     }
+    world = getattr(learn, 'world', 1)
+    if 'bs' in differ and saved.get('bs') and saved['bs'] % world:
+        raise ValueError(
+            f'checkpoint {ckpt.path} was trained with a global batch of {saved["bs"]} blocks, which {world} processes '
+            f'cannot share equally: resume on a number of processes that divides {saved["bs"]}, with bs = '
+            f'{saved["bs"]} / processes'
+        )
     if differ and not force:
         raise ValueError(
             f'checkpoint {ckpt.path} does not match this learner: {differ} (checkpoint, learner); resume with '
-            'the same corpora, model, batch size and training settings, or pass force=True'
+            'the same corpora, model, global batch (bs x processes) and training settings, or pass force=True'
         )
     params = dict(learn.model.named_parameters())
     unknown = sorted(set(ckpt.model) - set(params))
@@ -449,11 +457,12 @@ def learner_identity(learn) -> dict:
     from . import __version__
 
     model = learn.model
+    bs = getattr(learn.dls.train, 'bs', None)
     data = [s.store.path.name for s in learn.dls.packed.splits] if isinstance(learn.dls, LMDataLoaders) else None
     return {
         'data': data,  # token-store keys: a hash of each corpus's contents and the tokenizer
         'model': [type(model).__name__, sum(p.numel() for p in model.parameters())],
-        'bs': getattr(learn.dls.train, 'bs', None),
+        'bs': bs * getattr(learn, 'world', 1) if bs else bs,  # the global batch: bs x processes
         'training': {
             'accum_steps': learn.train_step.accum_steps,
             'clip': learn.train_step.clip,

@@ -155,6 +155,7 @@ def cmd_train(a) -> None:
     config = train_config(a)
     mix = build_mix(config)
     from .data import lm_dataloaders
+    from .distributed import local_main_first, rank
     from .learner import causal_lm_learner
     from .models import load_model, load_tokenizer
 
@@ -166,16 +167,19 @@ def cmd_train(a) -> None:
     if a.resume is not None and not out.is_dir():
         raise FileNotFoundError(f'--resume: the run folder {out} does not exist')
     report_to = [r.strip() for r in config.report_to.split(',')] if config.report_to else None
-    tok = load_tokenizer(config.model)
+    with local_main_first():  # several processes: one converts the embedded model, the others then load it
+        tok, model = load_tokenizer(config.model), load_model(config.model)
     dls = lm_dataloaders(mix, tok, seq_len=config.seq_len, bs=config.bs, valid_pct=config.valid_pct, seed=config.seed)
     learn = causal_lm_learner(
-        dls, load_model(config.model), precision=config.precision, lora=config.lora or None,
+        dls, model, precision=config.precision, lora=config.lora or None,
         accum_steps=config.accum_steps, lr=config.lr, compile=config.compile, run_dir=out,
         checkpoint_every=config.checkpoint_every, keep=config.keep, log_every=config.log_every, report_to=report_to,
     )  # fmt: skip
     learn.fit_one_cycle(config.epochs, resume=a.resume)
-    dls.mix_report()
-    print(f'saved to {learn.save_pretrained(out / "model", overwrite=True)}')
+    saved = learn.save_pretrained(out / 'model', overwrite=True)
+    if rank() == 0:
+        dls.mix_report()
+        print(f'saved to {saved}')
 
 
 def cmd_plot(a) -> None:

@@ -22,9 +22,10 @@ from fastai.torch_core import default_device
 from fasttransform import Transform
 
 from .display import show_table
-from .mix import MixSampler, pack_corpora
+from .distributed import init_distributed, rank
+from .mix import MixSampler, pack_corpora, shard_run
 from .mix_report import mix_report
-from .packing import PackedCorpora
+from .packing import IGNORE_INDEX, PackedCorpora
 
 __all__ = ['LMBlock', 'LMDataLoader', 'LMDataLoaders', 'lm_datablock', 'lm_dataloaders']
 
@@ -53,6 +54,7 @@ class LMDataLoader(TfmdDL):
 
     def __init__(self, dataset=None, sampler: MixSampler | None = None, **kwargs):
         self.sampler = sampler
+        self.shard = None  # (rank, world) while a multi-process fit runs: this process's share of each batch
         super().__init__(dataset, **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):
@@ -66,6 +68,8 @@ class LMDataLoader(TfmdDL):
 
     @property
     def n(self):
+        if self.shard is not None:
+            return len(self.get_idxs())
         return len(self.sampler) if self._drawn else self._n
 
     @n.setter
@@ -73,7 +77,18 @@ class LMDataLoader(TfmdDL):
         self._n = value
 
     def get_idxs(self):
-        return self.sampler.indices() if self._drawn else super().get_idxs()
+        rank, world = self.shard or (0, 1)
+        if self._drawn:  # the rows of each global batch that are this process's (see `mix.shard_order`)
+            return self.sampler.indices(self.bs, world, rank)
+        if self.shard is None:
+            return super().get_idxs()
+        return list(range(*shard_run(self._n, world, rank)))  # a run of the blocks, in order
+
+    def create_item(self, s):
+        if s is not None and s < 0:  # a stand-in row of a sharded last batch: a real block, every label masked
+            x, y, *rest = super().create_item(-1 - s)
+            return (x, torch.full_like(y, IGNORE_INDEX), *rest)
+        return super().create_item(s)
 
     def show_batch(
         self, b=None, max_n: int = 6, ctxs=None, show: bool = True, unique: bool = False, trunc_at: int = 300
@@ -149,6 +164,7 @@ class LMDataLoaders(DataLoaders):
         sampler = MixSampler(
             packed.plan, packed.train_offsets, seed=seed if mix.seed is None else mix.seed, stratified=mix.stratified
         )
+        init_distributed()  # one of several processes: join them now, so that each uses its own GPU
         target = torch.device(device) if device is not None else default_device()
         kwargs.setdefault('pin_memory', target.type == 'cuda')  # page-locked batches copy to a GPU faster
         dls = lm_datablock(packed, max_valid_blocks).dataloaders(
@@ -213,7 +229,8 @@ def lm_dataloaders(
     dls = LMDataLoaders.from_packed(
         packed, bs=bs, seed=seed, max_valid_blocks=max_valid_blocks, num_workers=num_workers, device=device, **kwargs
     )
-    dls.mix_report(show=verbose)  # the diagnosis always warns; the table shows when verbose
+    if rank() == 0:  # one report for several processes
+        dls.mix_report(show=verbose)  # the diagnosis always warns; the table shows when verbose
     return dls
 
 

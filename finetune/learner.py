@@ -34,6 +34,7 @@ import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
+from fastai.torch_core import to_detach
 from fastcore.basics import noop
 from fastcore.foundation import L
 
@@ -58,11 +59,13 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import LMDataLoaders
+from .ddp import DDPTrainer
+from .distributed import barrier, broadcast_object, rank, single_process, world_size
 from .evaluate import CorpusPerplexity, Perplexity
 from .generate import generate
 from .lora import add_lora, is_peft_model, save_lora
-from .loss import CausalLMLoss, supports_head_bypass
-from .models import load_model, load_tokenizer, model_context_length
+from .loss import CausalLMLoss, resolve_fused_head
+from .models import check_seq_len, check_vocab, load_model, load_tokenizer
 from .optimizer import AdamW, adamw
 from .precision import resolve_precision
 from .runlog import MetricsLog
@@ -127,7 +130,7 @@ class CausalLMLearner(Learner):
         self._phase = None  # the phase of `fine_tune` running now
         self.fitting = False  # True inside fit (not validate or get_preds)
         if (checkpoint_every is not None or report_to) and run_dir is None:
-            run_dir = new_run_dir()  # said at the first fit
+            run_dir = broadcast_object(new_run_dir())  # said at the first fit; several processes share one
         self.run_dir = Path(run_dir) if run_dir is not None else None
         own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
@@ -155,12 +158,32 @@ class CausalLMLearner(Learner):
             self.remove_cb(self.progress)
             self.add_cb(SyncFreeProgressCallback())
         self.layer_groups()  # checks n_groups now, not at the first fit
+        if world_size() > 1:  # started by torchrun, accelerate launch or notebook_launcher: train together
+            self.to_distributed()
+
+    # --- several processes (see `ddp.py`) ---
+    @property
+    def world(self) -> int:
+        """Processes that train together in this learner's fits (1 unless distributed)."""
+        return world_size() if any(isinstance(cb, DDPTrainer) for cb in self.cbs) else 1
+
+    def to_distributed(self, sync_bn: bool = False, **kwargs):
+        """Train on every process of the launch (fastai's method, with `ddp.DDPTrainer`); done on its own under one."""
+        if not any(isinstance(cb, DDPTrainer) for cb in self.cbs):
+            self.add_cb(DDPTrainer(**kwargs))
+            if rank():
+                self.remove_cb(ProgressCallback)  # one set of progress bars, process 0's
+        return self
+
+    def to_detach(self, b, cpu=True, gather=True):
+        """Detach, no gathering: every reduction across processes is an explicit one (`ddp.py`)."""
+        return to_detach(b, cpu, gather=False)
 
     # --- a fit that is safe to interrupt, and that can resume ---
     def _with_events(self, f, event_type, ex, final=noop):
         if event_type != 'fit':
             return super()._with_events(f, event_type, ex, final)
-        self.fitting = True  # callbacks tell a fit from validate() and get_preds(), which run before_fit too
+        self.fitting, self.fit_failed = True, False  # callbacks tell a fit from validate() and get_preds()
         try:  # before_fit included: a callback that fails there must not leave the others' changes behind
             super()._with_events(f, event_type, ex, final)
         except BaseException:
@@ -177,6 +200,7 @@ class CausalLMLearner(Learner):
 
     def _end_failed_fit(self):
         """Run `after_cancel_fit` and `after_fit` on every callback, each on its own, as a cancelled fit would."""
+        self.fit_failed = True
         for event in ('after_cancel_fit', 'after_fit'):
             for cb in self.cbs.sorted('order'):
                 try:
@@ -390,7 +414,8 @@ class CausalLMLearner(Learner):
         """fastai's `lr_find`, leaving weights, optimizer, step count, RNG states and data order as they were.
 
         fastai keeps the weights in a file under `learn.path` while it runs; here that file lives in
-        a temporary folder of the cache, so nothing is written where the user did not ask.
+        a temporary folder of the cache, so nothing is written where the user did not ask. With
+        several processes, each runs the same short search alone (no communication), on its own data.
         """
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -398,7 +423,7 @@ class CausalLMLearner(Learner):
         state = sampler.state_dict() if sampler is not None else None
         path, model_dir, steps = self.path, self.model_dir, self.opt_steps
         try:
-            with scratch_folder('lr_find') as tmp:
+            with scratch_folder('lr_find') as tmp, single_process():
                 self.path, self.model_dir = tmp, 'models'
                 return super().lr_find(*args, **kwargs)
         finally:
@@ -418,8 +443,12 @@ class CausalLMLearner(Learner):
             raise ValueError('save_checkpoint needs a run folder: pass run_dir= to causal_lm_learner')
         if self._fit_plan is None:
             raise ValueError('save_checkpoint saves a fit in progress: call it from a callback during fit_one_cycle')
-        state, weights, optimizer = learner_state(self, epoch_done)
-        return save_checkpoint(self.run_dir / 'checkpoints' / f'step-{self.opt_steps}', state, weights, optimizer, keep)
+        state, weights, optimizer = learner_state(self, epoch_done)  # every process: it sums their token counts
+        path = self.run_dir / 'checkpoints' / f'step-{self.opt_steps}'
+        if rank() == 0:  # the processes hold the same weights and optimizer state
+            save_checkpoint(path, state, weights, optimizer, keep)
+        barrier()
+        return path
 
     def load_checkpoint(self, checkpoint: str | os.PathLike | Checkpoint, force: bool = False) -> Checkpoint:
         """Load weights, optimizer, frozen groups, sampler, trained tokens and step count from a checkpoint.
@@ -457,6 +486,13 @@ class CausalLMLearner(Learner):
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
             raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
+        barrier()  # with several processes: each has looked at `path`; process 0 writes, the others wait
+        if rank() == 0:
+            self._write_pretrained(path, merged, overwrite)
+        barrier()
+        return path
+
+    def _write_pretrained(self, path: Path, merged: bool, overwrite: bool) -> None:
         with atomic_folder(path, overwrite=overwrite) as tmp:
             if is_peft_model(self.model):
                 save_lora(self.model, tmp, merged)
@@ -464,7 +500,6 @@ class CausalLMLearner(Learner):
                 self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-        return path
 
 
 def causal_lm_learner(
@@ -504,8 +539,8 @@ def causal_lm_learner(
     if tokenizer is None and isinstance(source, (str, os.PathLike)):
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
-        _check_vocab(model, tokenizer)
-    _check_seq_len(model, getattr(dls, 'seq_len', None))
+        check_vocab(model, tokenizer)
+    check_seq_len(model, getattr(dls, 'seq_len', None))
     device = getattr(dls, 'device', None)
     if device is not None:
         model.to(device)
@@ -521,7 +556,7 @@ def causal_lm_learner(
         model,
         tokenizer=tokenizer,
         precision=dtype,
-        fused_head=_resolve_fused_head(model, fused_head, loss_func),
+        fused_head=resolve_fused_head(model, fused_head, loss_func),
         n_groups=n_groups,
         only=only,
         accum_steps=accum_steps,
@@ -548,37 +583,3 @@ def default_metrics(dls) -> list:
     """Overall perplexity, and each corpus's when the data has several."""
     names = dls.names if isinstance(dls, LMDataLoaders) else []
     return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]
-
-
-def _resolve_fused_head(model, fused_head: bool | None, loss_func) -> bool:
-    custom = loss_func is not None and not isinstance(loss_func, CausalLMLoss)
-    if fused_head is False or (fused_head is None and custom):
-        return False  # a loss function of the user's own gets logits
-    if custom:
-        raise ValueError(f'fused_head=True needs CausalLMLoss, not {type(loss_func).__name__}: use fused_head=False')
-    supported = supports_head_bypass(model)
-    if fused_head and not supported:
-        raise ValueError(
-            f'fused_head=True, but the logits of {type(model).__name__} are not just its output layer applied to '
-            'the final hidden states (soft-capping or scaling after the head, or an output layer that is not a '
-            'plain nn.Linear): use fused_head=False'
-        )
-    return supported
-
-
-def _check_seq_len(model, seq_len: int | None) -> None:
-    limit = model_context_length(model)
-    if seq_len is not None and limit is not None and seq_len > limit:
-        raise ValueError(
-            f'seq_len={seq_len} is longer than the context window of {type(model).__name__} '
-            f'({limit} positions): rebuild the DataLoaders with seq_len <= {limit}'
-        )
-
-
-def _check_vocab(model, tokenizer) -> None:
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise ValueError(
-            f'the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: '
-            'use the tokenizer that belongs to this model (or resize its embeddings)'
-        )

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import eval_mode
+from .packing import IGNORE_INDEX
 from .precision import autocast
 
 __all__ = [
+    'resolve_fused_head',
     'IGNORE_INDEX',
     'CausalLMLoss',
     'HeadInput',
@@ -43,7 +45,6 @@ __all__ = [
     'chunk_rows',
 ]
 
-IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
 
 
@@ -284,3 +285,19 @@ class CausalLMLoss:
 
     def __repr__(self) -> str:
         return 'CausalLMLoss()'
+
+
+def resolve_fused_head(model, fused_head: bool | None, loss_func) -> bool:
+    custom = loss_func is not None and not isinstance(loss_func, CausalLMLoss)
+    if fused_head is False or (fused_head is None and custom):
+        return False  # a loss function of the user's own gets logits
+    if custom:
+        raise ValueError(f'fused_head=True needs CausalLMLoss, not {type(loss_func).__name__}: use fused_head=False')
+    supported = supports_head_bypass(model)
+    if fused_head and not supported:
+        raise ValueError(
+            f'fused_head=True, but the logits of {type(model).__name__} are not just its output layer applied to '
+            'the final hidden states (soft-capping or scaling after the head, or an output layer that is not a '
+            'plain nn.Linear): use fused_head=False'
+        )
+    return supported

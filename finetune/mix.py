@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .corpora import Corpus
+from .distributed import local_main_first
 from .mix_report import mix_report
 from .packing import PackedCorpora, split_corpora
 
-__all__ = ['CorpusMix', 'MixPlan', 'MixSampler', 'plan_mix', 'pack_corpora', 'HARD_MAX_REPEATS']
+__all__ = [
+    'CorpusMix',
+    'shard_order',
+    'shard_run',
+    'MixPlan',
+    'MixSampler',
+    'plan_mix',
+    'pack_corpora',
+    'HARD_MAX_REPEATS',
+]
 
 HARD_MAX_REPEATS = 100  # a share that implies more repeats per epoch than this is an error unless forced
 
@@ -169,9 +179,39 @@ def pack_corpora(
 ) -> PackedCorpora:
     """Tokenize (or load from cache) each corpus, hold out validation documents, pack blocks and plan the mix."""
     mix = corpora if isinstance(corpora, CorpusMix) else CorpusMix(corpora)
-    splits = split_corpora(mix.corpora, tokenizer, seq_len, valid_pct, seed, cache)
+    with local_main_first():  # several processes: each machine's first builds the token stores, the others open them
+        splits = split_corpora(mix.corpora, tokenizer, seq_len, valid_pct, seed, cache)
     plan = plan_mix(mix, [len(s.train) for s in splits], seq_len)
     return PackedCorpora(splits, tokenizer, seq_len, mix, plan)
+
+
+def shard_run(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Process `rank`'s run `[start, stop)` of `n` items cut as evenly as it goes (the first ones get one more)."""
+    q, extra = divmod(n, world)
+    start = rank * q + min(rank, extra)
+    return start, start + q + (rank < extra)
+
+
+def shard_order(order: np.ndarray, bs: int, world: int, rank: int) -> np.ndarray:
+    """Process `rank`'s blocks of `order`, global batch (`bs * world` blocks) by global batch.
+
+    Each global batch is cut into `world` consecutive runs, `bs` blocks each; a last, shorter one
+    as evenly as it goes (sizes differ by one at most). So step k of every process together
+    trains exactly the blocks of step k of one process with batch `bs * world`, nothing padded or
+    dropped. A process left with no block of the last batch gets one stand-in, `-1 - b` for the
+    batch's first block `b`: it runs with every label masked (no tokens, no gradient), so that
+    every process takes the same number of steps.
+    """
+    if world == 1:
+        return order
+    g = bs * world
+    full = len(order) // g * g
+    mine = [order[:full].reshape(-1, world, bs)[:, rank].reshape(-1)]
+    last = order[full:]
+    if len(last):
+        a, b = shard_run(len(last), world, rank)
+        mine.append(last[a:b] if b > a else -1 - last[:1])
+    return np.concatenate(mine)
 
 
 @dataclass
@@ -224,9 +264,14 @@ class MixSampler:
             pos += len(take)
         return np.concatenate(out)
 
-    def indices(self) -> list[int]:
-        """What is left of the current epoch."""
-        return self.epoch_order()[self.position :].tolist()
+    def indices(self, bs: int = 1, world: int = 1, rank: int = 0) -> list[int]:
+        """What is left of the current epoch; with `world` processes, process `rank`'s share (see `shard_order`)."""
+        left = self.epoch_order()[self.position :]
+        return (left if world == 1 else shard_order(left, bs, world, rank)).tolist()
+
+    def step_blocks(self, bs: int, world: int = 1) -> int:
+        """Blocks the next optimizer micro-step takes from the epoch, over all processes."""
+        return min(bs * world, len(self))
 
     def __len__(self) -> int:
         return self.plan.epoch_blocks - self.position

@@ -21,7 +21,16 @@ import torch
 from .cache import atomic_folder, cache_dir, cache_folder
 from .zoo import ZOO, is_zoo_name, zoo_gguf
 
-__all__ = ['load_model', 'load_tokenizer', 'ensure_pad_token', 'model_context_length', 'zoo_model_dir', 'eval_mode']
+__all__ = [
+    'load_model',
+    'load_tokenizer',
+    'ensure_pad_token',
+    'model_context_length',
+    'zoo_model_dir',
+    'eval_mode',
+    'check_vocab',
+    'check_seq_len',
+]
 
 ZOO_MARKER = 'finetune-zoo.json'  # written last into a converted embedded model's folder
 
@@ -172,3 +181,21 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def check_seq_len(model, seq_len: int | None) -> None:
+    limit = model_context_length(model)
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise ValueError(
+            f'seq_len={seq_len} is longer than the context window of {type(model).__name__} '
+            f'({limit} positions): rebuild the DataLoaders with seq_len <= {limit}'
+        )
+
+
+def check_vocab(model, tokenizer) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f'the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: '
+            'use the tokenizer that belongs to this model (or resize its embeddings)'
+        )

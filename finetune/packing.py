@@ -18,7 +18,9 @@ import numpy as np
 from .corpora import Corpus
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
-__all__ = ['CorpusSplit', 'PackedCorpora', 'split_corpora']
+__all__ = ['IGNORE_INDEX', 'CorpusSplit', 'PackedCorpora', 'split_corpora']
+
+IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 
 
 @dataclass

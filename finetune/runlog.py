@@ -22,6 +22,7 @@ import torch
 from fastai.callback.core import Callback
 
 from .cache import atomic_write_text
+from .distributed import all_reduce_sum, rank
 from .loss import IGNORE_INDEX
 
 __all__ = ['MetricsLog', 'REPORTERS', 'read_metrics', 'plot_run']
@@ -112,7 +113,13 @@ class MetricsLog(Callback):
 
     def before_fit(self):
         self.active = not hasattr(self.learn, 'lr_finder')
-        if not self.active:
+        self.procs = getattr(self.learn, 'world', 1)  # several processes: sums over all, process 0 writes
+        self.writer = self.active and rank() == 0
+        if self.active:
+            self.names = list(getattr(self.dls, 'names', []))
+            self._reset_window()
+            self.seen = sum(getattr(self.dls, 'trained_tokens', [0]))
+        if not self.writer:
             return
         if not self.run_dir.exists():
             print(f'this run writes its logs{" and checkpoints" if hasattr(self.learn, "checkpointer") else ""} '
@@ -125,9 +132,6 @@ class MetricsLog(Callback):
             atomic_write_text(path, ''.join(json.dumps(line) + '\n' for line in kept))
         self.file = open(path, 'a')
         self.reporters = [_Reporter(n, self.run_dir) for n in self.report_to]
-        self.names = list(getattr(self.dls, 'names', []))
-        self._reset_window()
-        self.seen = sum(getattr(self.dls, 'trained_tokens', [0]))
 
     def _reset_window(self):
         self.loss_sum, self.batches, self.tokens = None, 0, None
@@ -154,7 +158,8 @@ class MetricsLog(Callback):
     def _log_train(self):
         if self.tokens is None:
             return
-        tokens = self.tokens.tolist()  # the host reads the device here, once per log line
+        counts = all_reduce_sum(self.tokens) if self.procs > 1 else self.tokens
+        tokens = counts.tolist()  # the host reads the device here, once per log line
         seconds = time.perf_counter() - self.last_time
         self.seen += sum(tokens)
         line = {
@@ -191,6 +196,8 @@ class MetricsLog(Callback):
             self._write(line)
 
     def _write(self, line: dict) -> None:
+        if not self.writer:
+            return
         line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
         self.file.write(json.dumps(line) + '\n')  # a NaN is written as null: strict JSON readers take it
         self.file.flush()
@@ -198,7 +205,7 @@ class MetricsLog(Callback):
             reporter.log(line, line['step'])
 
     def after_fit(self):  # also after a fit that failed: the lines written so far stay
-        if getattr(self, 'active', False) and not self.file.closed:
+        if getattr(self, 'writer', False) and not self.file.closed:
             self.file.close()
             for reporter in self.reporters:
                 reporter.close()
