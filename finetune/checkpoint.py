@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from .cache import atomic_folder, remove_folder, sha256_file, sweep
 from .callbacks import MixCallback
 from .data import LMDataLoaders
+from .distributed import rank
 
 __all__ = [
     'Checkpoint',
@@ -259,7 +260,7 @@ class SaveCheckpoint(Callback):
                 f"{folder} holds checkpoints of another run, up to {later[-1].name}: resume it (resume='latest') "
                 'or give this run its own run_dir'
             )
-        if not folder.exists():
+        if not folder.exists() and rank() == 0:
             print(f'checkpoints every {self.every_n_steps} optimizer steps go to {folder}/')
 
     def before_batch(self):

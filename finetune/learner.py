@@ -23,7 +23,7 @@ import json
 import os
 import random
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -210,6 +210,10 @@ class CausalLMLearner(Learner):
                     warnings.warn(message, stacklevel=3)
         self._end_cleanup()
 
+    def _say(self, message: str) -> None:
+        if rank() == 0:  # once, not once per process
+            print(message)
+
     # --- layer groups and freezing ---
     def layer_groups(self) -> list[LayerGroup]:
         """Embeddings | decoder-block groups | norm + head, found once per model (it takes a forward pass)."""
@@ -342,7 +346,7 @@ class CausalLMLearner(Learner):
             self.load_checkpoint(checkpoint, force=force)
             extra = L(ResumeCallback(checkpoint))
             where = checkpoint.state['position']
-            print(
+            self._say(
                 f'resuming from {path}: epoch {where["epoch"]}, {where["iter"]} batches into it, step {self.opt_steps}'
             )
         try:
@@ -397,16 +401,18 @@ class CausalLMLearner(Learner):
         elif gradual:
             for k in range(1, n):
                 if start is None or k - 1 >= start:
-                    print(f'gradual unfreezing: training the last {k} of {n} groups')
+                    self._say(f'gradual unfreezing: training the last {k} of {n} groups')
                 phase(k - 1, 1, slice(base_lr / lr_mult, base_lr), -k, pct_start=0.99, **kwargs)
             base_lr /= 2
         else:
             if start is None or start == 0:
-                print(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({groups[-1].name}) trains')
+                self._say(f'frozen phase: {freeze_epochs} epoch(s), only group {n - 1} ({groups[-1].name}) trains')
             phase(0, freeze_epochs, slice(base_lr), -1, pct_start=0.99, **kwargs)
             base_lr /= 2
         lrs = slice(base_lr / lr_mult, base_lr) if n > 1 else base_lr
-        print(f'unfrozen: {epochs} epoch(s), LRs from {base_lr / lr_mult if n > 1 else base_lr:.2g} to {base_lr:.2g}')
+        self._say(
+            f'unfrozen: {epochs} epoch(s), LRs from {base_lr / lr_mult if n > 1 else base_lr:.2g} to {base_lr:.2g}'
+        )
         last = n - 1 if gradual and n >= 2 else 1
         phase(last if (n >= 2 and freeze_epochs) else 0, epochs, lrs, 0, pct_start=pct_start, div=div, **kwargs)
 
@@ -423,7 +429,8 @@ class CausalLMLearner(Learner):
         state = sampler.state_dict() if sampler is not None else None
         path, model_dir, steps = self.path, self.model_dir, self.opt_steps
         try:
-            with scratch_folder('lr_find') as tmp, single_process():
+            quiet = self.no_bar() if rank() else nullcontext()  # one set of bars with several processes
+            with scratch_folder('lr_find') as tmp, single_process(), quiet:
                 self.path, self.model_dir = tmp, 'models'
                 return super().lr_find(*args, **kwargs)
         finally:

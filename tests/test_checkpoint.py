@@ -186,6 +186,20 @@ def test_resuming_with_other_data_model_or_batch_size_is_refused(saved, two, tok
         learn.fit_one_cycle(1, 1e-3, resume='latest')
 
 
+def test_resuming_on_a_count_of_processes_that_cannot_share_the_global_batch_is_refused(
+    saved, two, tokenizer, monkeypatch
+):
+    from finetune.learner import CausalLMLearner
+
+    monkeypatch.setattr(CausalLMLearner, 'world', property(lambda self: 3))  # as if launched on 3 processes
+    one = lm_dataloaders(two.packed, tokenizer, bs=1, verbose=False)
+    learn = causal_lm_learner(one, tiny_llama(len(tokenizer)), precision='fp32')
+    before = {n: p.clone() for n, p in learn.model.named_parameters()}
+    with pytest.raises(ValueError, match=r'global batch of 4 blocks, which 3 processes cannot share.*divides 4'):
+        learn.fit_one_cycle(1, 1e-3, resume=saved[-1])
+    assert all(torch.equal(p, before[n]) for n, p in learn.model.named_parameters())  # nothing loaded
+
+
 class PoisonLoss(Callback):
     """Makes the loss of one batch NaN, as an overflow would."""
 

@@ -86,6 +86,18 @@ def test_loader_shard_masks_stand_in_rows(dls):
     assert valid.get_idxs() == list(range(valid._n))
 
 
+@pytest.mark.parametrize('setting', ['ACCELERATE_USE_FSDP', 'ACCELERATE_USE_DEEPSPEED'])
+def test_sharded_training_is_refused_saying_what_to_do(setting, monkeypatch):
+    from finetune.distributed import check_supported, init_distributed
+
+    monkeypatch.setenv(setting, 'true')
+    with pytest.raises(NotImplementedError, match=r'not supported.*lora=True.*grad_checkpointing=True'):
+        check_supported()
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(NotImplementedError):  # before joining any process group
+        init_distributed()
+
+
 def _run(out: Path, data: Path, name: str, procs: int, *extra: str) -> None:
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
     for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
