@@ -12,66 +12,151 @@ Every argument and config key is checked, and every corpus path resolved, before
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
 
 from .precision import PRECISIONS
 
-__all__ = ['main', 'TrainConfig', 'load_config']
+__all__ = ['main', 'TrainConfig', 'CorpusSpec', 'load_config', 'validate', 'config_reference']
+
+
+def _key(
+    default=MISSING,
+    help: str = '',
+    lo=None,
+    hi=None,
+    above: bool = False,
+    below: bool = False,
+    choices=None,
+    nonempty: bool = False,
+    **kwargs,
+):
+    """A config key: its default, what it means and the values it takes (checked by `validate`, shown in --help)."""
+    rule = {'help': help, 'lo': lo, 'hi': hi, 'above': above, 'below': below, 'choices': choices, 'nonempty': nonempty}
+    return field(default=default, metadata=rule, **kwargs)
 
 
 @dataclass
 class CorpusSpec:
     """One `[[corpus]]` table: a name, a path, and optionally a weight or a share."""
 
-    name: str
-    path: str
-    weight: float | None = None
-    share: float | None = None
-    target: bool = False
-    text_field: str = 'text'
-    doc_sep: str | None = None
+    name: str = _key(help='the corpus name (reports, metrics)', nonempty=True)
+    path: str = _key(help='a file, folder, glob, .jsonl/.parquet or hf:// dataset', nonempty=True)
+    weight: float | None = _key(None, 'relative weight in tokens', lo=0, above=True)
+    share: float | None = _key(None, "fraction of each epoch's tokens", lo=0, hi=1, above=True)
+    target: bool = _key(False, 'a target-domain corpus')
+    text_field: str = _key('text', 'the text column of JSONL/Parquet/datasets', nonempty=True)
+    doc_sep: str | None = _key(None, 'split files into documents at this string')
+
+    def __post_init__(self):
+        validate(self, f'[[corpus]] {self.name!r}: ' if isinstance(self.name, str) else '[[corpus]]: ')
+        if self.weight is not None and self.share is not None:
+            raise ValueError(f'corpus {self.name!r} has both a weight and a share: give one')
 
 
 @dataclass
 class TrainConfig:
     """What `finetune train` does; the TOML keys and the flags have these names."""
 
-    model: str = 'smollm2-135m'
-    corpus: list[CorpusSpec] = field(default_factory=list)
-    seq_len: int = 512
-    bs: int = 8
-    epochs: int = 1
-    lr: float | None = None
-    precision: str = 'auto'
-    lora: bool = False
-    compile: bool = False
-    out: str = 'finetune-out'
-    seed: int = 42
-    valid_pct: float = 0.05
-    epoch_tokens: int | None = None
-    accum_steps: int = 1
-    checkpoint_every: int | None = None  # optimizer steps between checkpoints in out/checkpoints/
-    keep: int | None = None  # checkpoints kept (the newest)
-    log_every: int = 10  # optimizer steps between lines of out/metrics.jsonl
-    report_to: str | None = None  # also log to these trackers (comma-separated): tensorboard, wandb, mlflow, trackio
+    model: str = _key('smollm2-135m', 'embedded name, hub id, folder or .gguf', nonempty=True)
+    corpus: list[CorpusSpec] = _key(help='[[corpus]] tables, or --corpus NAME=PATH flags', default_factory=list)
+    seq_len: int = _key(512, 'tokens per training sequence', lo=1)
+    bs: int = _key(8, 'sequences per batch, per process', lo=1)
+    epochs: int = _key(1, 'epochs of the mix', lo=1)
+    lr: float | None = _key(None, 'peak learning rate; none: 1e-4, or 2e-4 with LoRA', lo=0, above=True)
+    precision: str = _key('auto', 'autocast dtype', choices=list(PRECISIONS))
+    lora: bool = _key(False, 'train LoRA adapters instead of all weights')
+    compile: bool = _key(False, 'torch.compile the decoder blocks')
+    out: str = _key('finetune-out', 'the run folder: metrics.jsonl, checkpoints/, model/', nonempty=True)
+    seed: int = _key(42, 'held-out documents and the training order', lo=0)
+    valid_pct: float = _key(0.05, "fraction of each corpus's documents held out", lo=0, hi=1, above=True, below=True)
+    epoch_tokens: int | None = _key(None, 'tokens per epoch; none: every block once', lo=1)
+    accum_steps: int = _key(1, 'micro-batches per optimizer step', lo=1)
+    checkpoint_every: int | None = _key(None, 'optimizer steps between checkpoints in out/checkpoints/', lo=1)
+    keep: int | None = _key(None, 'checkpoints kept, the newest; none keeps all', lo=1)
+    log_every: int = _key(10, 'optimizer steps between lines of out/metrics.jsonl', lo=1)
+    report_to: str | None = _key(None, 'trackers, comma-separated: tensorboard, wandb, mlflow, trackio', nonempty=True)
 
     def __post_init__(self):
+        if not isinstance(self.corpus, list) or not all(isinstance(c, CorpusSpec) for c in self.corpus):
+            raise ValueError('corpus: give [[corpus]] tables (name, path, ...) or --corpus NAME=PATH flags')
         if not self.corpus:
             raise ValueError('no corpora: add [[corpus]] tables to the config or --corpus NAME=PATH flags')
-        if self.precision not in PRECISIONS:
-            raise ValueError(f'precision={self.precision!r}: allowed values are {list(PRECISIONS)}')
-        for key in ('seq_len', 'bs', 'epochs', 'accum_steps', 'log_every', 'checkpoint_every', 'keep'):
-            value = getattr(self, key)
-            if value is None and key in ('checkpoint_every', 'keep'):
+        validate(self)
+        names = [c.name for c in self.corpus]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f'corpus names must differ: {repeated} appear more than once')
+
+
+_KINDS = {int: 'a whole number', float: 'a number', str: 'a string', bool: 'true or false'}
+
+
+def describe(cls, f) -> str:
+    """The values key `f` of config class `cls` takes, in words: type, range or choices, and if it may be absent."""
+    kind, optional = _kind(cls, f)
+    rule = f.metadata
+    if rule.get('choices'):
+        text = f'one of {rule["choices"]}'
+    else:
+        text = _KINDS.get(kind, 'tables')
+        lo, hi = rule.get('lo'), rule.get('hi')
+        if lo is not None and hi is not None:
+            text += f' in {"(" if rule["above"] else "["}{lo}, {hi}{")" if rule["below"] else "]"}'
+        elif lo is not None:
+            text += f' {">" if rule["above"] else ">="} {lo}'
+        if rule.get('nonempty') and kind is str:
+            text = 'a non-empty string'
+    return text + (', or absent' if optional else '')
+
+
+def _kind(cls, f):
+    hint = get_type_hints(cls)[f.name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = type(None) in get_args(hint)
+    return (args[0] if optional else hint), optional
+
+
+def validate(obj, where: str = '') -> None:
+    """Check every field of a config dataclass against its type and range; the error names the key and value."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        kind, optional = _kind(type(obj), f)
+        if get_origin(hint) is list or (value is None and optional):
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(obj, f.name, value)
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        rule = f.metadata
+        if fits and rule.get('choices'):
+            fits = value in rule['choices']
+        if fits and kind in (int, float):
+            lo, hi = rule.get('lo'), rule.get('hi')
+            fits = (lo is None or (value > lo if rule['above'] else value >= lo)) and (
+                hi is None or (value < hi if rule['below'] else value <= hi)
+            )
+        if fits and rule.get('nonempty'):
+            fits = bool(value.strip())
+        if not fits:
+            raise ValueError(f'{where}{f.name} = {value!r}: must be {describe(type(obj), f)}')
+
+
+def config_reference() -> str:
+    """Every config key with its type, range and default, as the README's Markdown table."""
+    rows = ['| key | values | default | what it sets |', '|---|---|---|---|']
+    for cls, prefix in ((TrainConfig, ''), (CorpusSpec, '[[corpus]] ')):
+        for f in fields(cls):
+            if f.name == 'corpus':
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f'{key}={value!r}: must be a whole number >= 1')
-        for spec in self.corpus:
-            if spec.weight is not None and spec.share is not None:
-                raise ValueError(f'corpus {spec.name!r} has both a weight and a share: give one')
+            default = 'required' if f.default is MISSING else 'none' if f.default is None else json.dumps(f.default)
+            rows.append(f'| `{prefix}{f.name}` | {describe(cls, f)} | {default} | {f.metadata["help"]} |')
+    return '\n'.join(rows)
 
 
 def _keys(cls) -> list[str]:
@@ -92,8 +177,13 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     unknown = sorted(set(raw) - set(_keys(TrainConfig)))
     if unknown:
         raise ValueError(f'unknown config key(s) {unknown} in {path}; allowed: {_keys(TrainConfig)}')
-    corpora = []
-    for i, table in enumerate(raw.pop('corpus', [])):
+    corpora, tables = [], raw.pop('corpus', [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(
+            f'corpus = {tables!r} in {path}: corpora are tables, one per corpus: [[corpus]] then name = "..." and '
+            'path = "..." on their own lines'
+        )
+    for i, table in enumerate(tables):
         bad = sorted(set(table) - set(_keys(CorpusSpec)))
         if bad:
             raise ValueError(f'unknown key(s) {bad} in [[corpus]] number {i + 1}; allowed: {_keys(CorpusSpec)}')
@@ -157,7 +247,8 @@ def cmd_train(a) -> None:
     from .data import lm_dataloaders
     from .distributed import local_main_first, rank
     from .learner import causal_lm_learner
-    from .models import load_model, load_tokenizer
+    from .models import check_seq_len, load_model, load_tokenizer
+    from .runlog import check_reporters
 
     out = Path(config.out)  # the run folder: metrics.jsonl, checkpoints/, and the model in model/
     if a.resume is None and out.exists() and any(out.iterdir()):
@@ -167,8 +258,11 @@ def cmd_train(a) -> None:
     if a.resume is not None and not out.is_dir():
         raise FileNotFoundError(f'--resume: the run folder {out} does not exist')
     report_to = [r.strip() for r in config.report_to.split(',')] if config.report_to else None
+    check_reporters(report_to)  # before any model loads
+    check_seq_len(config.model, config.seq_len, fix='pass --seq-len (or seq_len in the config) with')
     with local_main_first():  # several processes: one converts the embedded model, the others then load it
         tok, model = load_tokenizer(config.model), load_model(config.model)
+    check_seq_len(model, config.seq_len, fix='pass --seq-len (or seq_len in the config) with')  # before tokenizing
     dls = lm_dataloaders(mix, tok, seq_len=config.seq_len, bs=config.bs, valid_pct=config.valid_pct, seed=config.seed)
     learn = causal_lm_learner(
         dls, model, precision=config.precision, lora=config.lora or None,
@@ -221,8 +315,53 @@ def cmd_quickstart(a) -> None:
     run_quickstart(out=a.out, steps=a.steps, seq_len=a.seq_len, bs=a.bs, lr=a.lr, precision=a.precision)
 
 
+def cmd_cache(a) -> int:
+    from .cache import cache_dir, remove_folder, sweep
+    from .display import show_table
+    from .tokens import token_stores
+
+    root = cache_dir(a.cache)
+    rows = token_stores(root, verify=a.action == 'verify')
+    if a.action == 'clear':
+        keys = set(a.keys)
+        unknown = sorted(keys - {r['key'] for r in rows})
+        if unknown:
+            raise ValueError(f'no token store {unknown} in {root / "tokens"}: `finetune cache ls` lists them')
+        freed = 0
+        for row in rows:
+            if not keys or row['key'] in keys:
+                remove_folder(root / 'tokens' / row['key'])
+                freed += row['bytes']
+        for folder in ('tokens', 'tmp'):
+            if (root / folder).is_dir():
+                sweep(root / folder)  # what killed writers left behind
+        print(f'removed {len(keys) or len(rows)} token store(s), {freed / 1e6:,.1f} MB, from {root / "tokens"}')
+        return 0
+    import pandas as pd
+
+    if not rows:
+        print(f'no token stores in {root / "tokens"}')
+        return 0
+    table = pd.DataFrame(rows)
+    table['MB'] = (table.pop('bytes') / 1e6).round(1)
+    show_table(table)
+    others = {p.name: sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) for p in root.iterdir() if p.is_dir()}
+    print(f'{root}: ' + ', '.join(f'{name} {size / 1e6:,.1f} MB' for name, size in sorted(others.items())))
+    damaged = [r['key'] for r in rows if r['status'].startswith('damaged')]
+    if damaged:
+        print(f'{len(damaged)} damaged: `finetune cache clear {" ".join(damaged)}` removes them', file=sys.stderr)
+    return 1 if damaged and a.action == 'verify' else 0
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
     p = argparse.ArgumentParser(prog='finetune', description='Domain fine-tuning of causal LMs.', formatter_class=fmt)
     sub = p.add_subparsers(dest='command', required=True)
 
@@ -235,29 +374,24 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument('--precision', choices=PRECISIONS, default='auto')
     q.set_defaults(func=cmd_quickstart)
 
-    keys = ', '.join(_keys(TrainConfig))
-    t = sub.add_parser('train', help='train on corpora from flags or a TOML config', formatter_class=fmt,
-                       description=f'Flags override the config file. Keys: {keys}')  # fmt: skip
+    t = sub.add_parser('train', help='train on corpora from flags or a TOML config',
+                       description='Flags override the config file; the README lists every key.')  # fmt: skip
     t.add_argument('config', nargs='?', help='a TOML file with these keys and [[corpus]] tables')
-    t.add_argument('--model', help=f'embedded name, hub id, folder or .gguf (default {TrainConfig.model})')
     t.add_argument('--corpus', action='append', metavar='NAME=PATH', help='a corpus (repeat for several)')
     t.add_argument('--weight', action='append', metavar='NAME=W', help='relative weight in tokens')
     t.add_argument('--share', action='append', metavar='NAME=S', help="fraction of each epoch's tokens")
     t.add_argument('--target', action='append', metavar='NAME', help='mark a corpus as the target domain')
-    for key, typ in (('seq_len', int), ('bs', int), ('epochs', int), ('lr', float), ('seed', int),
-                     ('valid_pct', float), ('epoch_tokens', int), ('accum_steps', int), ('checkpoint_every', int),
-                     ('keep', int), ('log_every', int)):  # fmt: skip
-        t.add_argument('--' + key.replace('_', '-'), dest=key, type=typ,
-                       help=f'default {getattr(TrainConfig, key, None)}')  # fmt: skip
-    t.add_argument('--precision', choices=PRECISIONS, help="default 'auto'")
-    t.add_argument('--lora', action='store_true', default=None, help='train LoRA adapters (default: all weights)')
-    t.add_argument(
-        '--compile', action='store_true', default=None, help='torch.compile the decoder blocks (faster after ~20 s)'
-    )
-    t.add_argument(
-        '--report-to', dest='report_to', help='trackers, comma-separated: tensorboard, wandb, mlflow, trackio'
-    )
-    t.add_argument('--out', help=f'the run folder: metrics.jsonl, checkpoints/, model/ (default {TrainConfig.out})')
+    for f in fields(TrainConfig):  # one flag per config key, its help from the key's own rule
+        if f.name == 'corpus':
+            continue
+        kind, _ = _kind(TrainConfig, f)
+        default = 'none' if f.default is None else json.dumps(f.default)
+        help = f'{f.metadata["help"]}: {describe(TrainConfig, f)} (default {default})'
+        flag = '--' + f.name.replace('_', '-')
+        if kind is bool:
+            t.add_argument(flag, dest=f.name, action='store_true', default=None, help=help)
+        else:
+            t.add_argument(flag, dest=f.name, type=kind, choices=f.metadata['choices'], help=help)
     t.add_argument('--resume', nargs='?', const='latest', metavar='CHECKPOINT',
                    help="continue the run in --out from its latest checkpoint (or the one named)")  # fmt: skip
     t.set_defaults(func=cmd_train)
@@ -270,10 +404,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser('eval', help='per-corpus perplexity of a model', formatter_class=fmt)
     e.add_argument('model', help='embedded name, hub id, folder or .gguf')
     e.add_argument('--corpus', action='append', metavar='NAME=PATH', required=True)
-    e.add_argument('--seq-len', dest='seq_len', type=int, default=512)
-    e.add_argument('--bs', type=int, default=8)
-    e.add_argument('--max-blocks', dest='max_blocks', type=int, default=None, help='blocks per corpus (default all)')
-    e.add_argument('--precision', choices=PRECISIONS, default='auto')
+    e.add_argument(
+        '--seq-len', dest='seq_len', type=int, default=512, help="tokens per block (at most the model's context)"
+    )
+    e.add_argument('--bs', type=int, default=8, help='blocks per forward pass')
+    e.add_argument('--max-blocks', dest='max_blocks', type=int, default=None, help='blocks per corpus (none: all)')
+    e.add_argument('--precision', choices=PRECISIONS, default='auto', help='autocast dtype')
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser('generate', help='continue prompts', formatter_class=fmt)
@@ -284,17 +420,24 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument('--temperature', type=float, default=1.0)
     g.add_argument('--top-p', dest='top_p', type=float, default=1.0)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser('cache', help='list, verify or clear the token cache', formatter_class=fmt)
+    c.add_argument('action', choices=['ls', 'verify', 'clear'],
+                   help='ls: entries with sizes; verify: also check every checksum; clear: remove entries')  # fmt: skip
+    c.add_argument('keys', nargs='*', help='clear: only these entries (default: every token store)')
+    c.add_argument('--cache', help='the cache folder (default $FINETUNE_CACHE or ~/.cache/finetune)')
+    c.set_defaults(func=cmd_cache)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f'finetune {args.command}: error: {e}', file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == '__main__':

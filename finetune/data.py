@@ -25,7 +25,7 @@ from .display import show_table
 from .distributed import init_distributed, rank
 from .mix import MixSampler, pack_corpora, shard_run
 from .mix_report import mix_report
-from .packing import IGNORE_INDEX, PackedCorpora
+from .packing import IGNORE_INDEX, PackedCorpora, check_split_args
 
 __all__ = ['LMBlock', 'LMDataLoader', 'LMDataLoaders', 'lm_datablock', 'lm_dataloaders']
 
@@ -221,6 +221,8 @@ def lm_dataloaders(
 ) -> LMDataLoaders:
     """fastai `DataLoaders` of `(input_ids, labels, corpus)` blocks; `dls.packed` holds the corpora."""
     _check_bs(bs)  # before any tokenizing
+    if not isinstance(corpora, PackedCorpora):
+        check_split_args(seq_len, valid_pct, seed)
     packed = (
         corpora
         if isinstance(corpora, PackedCorpora)

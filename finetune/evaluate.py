@@ -16,7 +16,7 @@ from fastai.learner import Metric
 
 from .corpora import Corpus
 from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, supports_head_bypass
-from .models import eval_mode
+from .models import check_seq_len, eval_mode
 from .precision import autocast, resolve_precision
 from .tokens import PackedBlocks, build_token_store
 
@@ -90,6 +90,7 @@ def corpus_perplexity(
     from fastprogress.fastprogress import progress_bar
 
     corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
+    check_seq_len(model, seq_len, fix='evaluate with')  # past the context a model fails or scores garbage
     device = next(model.parameters()).device
     dtype = resolve_precision(precision, device)
     loss_func, rows = CausalLMLoss(), []

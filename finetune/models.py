@@ -28,6 +28,7 @@ __all__ = [
     'model_context_length',
     'zoo_model_dir',
     'eval_mode',
+    'source_context_length',
     'check_vocab',
     'check_seq_len',
 ]
@@ -142,9 +143,35 @@ def _tied_keys(model) -> set[str]:
     return set(tied) if not isinstance(tied, dict) else set(tied.keys())
 
 
+def source_context_length(source) -> int | None:
+    """The context window of the model `source` names, from its config file alone (no weights); None if unknown.
+
+    A folder or a hub id already in the cache is read; an embedded model not converted yet and a
+    `.gguf` file are not (their limit is checked once the model has loaded).
+    """
+    if not isinstance(source, (str, os.PathLike)) or _is_gguf(source):
+        return None
+    if is_zoo_name(str(source)):
+        folder = cache_dir() / 'zoo' / str(source)
+        if not (folder / ZOO_MARKER).exists():
+            return None
+        source = folder
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists()
+                                            else str(source))  # fmt: skip
+    except Exception:  # not found, offline, remote code: the model's own load says why
+        return None
+    return _config_context_length(config)
+
+
 def model_context_length(model) -> int | None:
     """The longest sequence the model's position embeddings allow, when its config says."""
-    config = model.config
+    return _config_context_length(model.config)
+
+
+def _config_context_length(config) -> int | None:
     for attr in ('max_position_embeddings', 'n_positions', 'max_sequence_length', 'seq_length'):
         n = getattr(config, attr, None)
         if isinstance(n, int) and n > 0:
@@ -183,12 +210,15 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             m.training = training
 
 
-def check_seq_len(model, seq_len: int | None) -> None:
-    limit = model_context_length(model)
+def check_seq_len(model, seq_len: int | None, fix: str = 'rebuild the DataLoaders with') -> None:
+    """Refuse a `seq_len` longer than the model's context window (the model, or the name or path of one)."""
+    loaded = not isinstance(model, (str, os.PathLike))
+    limit = model_context_length(model) if loaded else source_context_length(model)
     if seq_len is not None and limit is not None and seq_len > limit:
+        what = type(model).__name__ if loaded else repr(str(model))
         raise ValueError(
-            f'seq_len={seq_len} is longer than the context window of {type(model).__name__} '
-            f'({limit} positions): rebuild the DataLoaders with seq_len <= {limit}'
+            f'seq_len={seq_len} is longer than the context window of {what} ({limit} positions): {fix} '
+            f'seq_len <= {limit}'
         )
 
 

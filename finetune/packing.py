@@ -18,7 +18,7 @@ import numpy as np
 from .corpora import Corpus
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
-__all__ = ['IGNORE_INDEX', 'CorpusSplit', 'PackedCorpora', 'split_corpora']
+__all__ = ['IGNORE_INDEX', 'CorpusSplit', 'PackedCorpora', 'split_corpora', 'check_split_args']
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 
@@ -141,14 +141,25 @@ class PackedCorpora:
         return f'PackedCorpora(seq_len={self.seq_len}, train+valid blocks: {parts})'
 
 
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_split_args(seq_len, valid_pct, seed) -> None:
+    """The packing arguments' types and ranges, checked before anything is tokenized."""
+    if not _whole(seq_len) or seq_len < 1:
+        raise ValueError(f'seq_len must be a whole number of tokens >= 1, got {seq_len!r}')
+    if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
+        raise ValueError(f'valid_pct must be a number between 0 and 1 (exclusive), got {valid_pct!r}')
+    if not _whole(seed) or seed < 0:
+        raise ValueError(f'seed must be a whole number >= 0, got {seed!r}')
+
+
 def split_corpora(
     corpora: list[Corpus], tokenizer, seq_len: int, valid_pct: float, seed: int, cache
 ) -> list[CorpusSplit]:
     """Tokenize (or load from cache) each corpus and hold out its validation documents."""
-    if not 0 < valid_pct < 1:
-        raise ValueError(f'valid_pct must be between 0 and 1 (exclusive), got {valid_pct}')
-    if seq_len < 1:
-        raise ValueError(f'seq_len must be a positive number of tokens, got {seq_len}')
+    check_split_args(seq_len, valid_pct, seed)
     splits = []
     for i, corpus in enumerate(corpora):
         store = build_token_store(corpus, tokenizer, cache)

@@ -25,7 +25,7 @@ from .cache import atomic_write_text
 from .distributed import all_reduce_sum, rank
 from .loss import IGNORE_INDEX
 
-__all__ = ['MetricsLog', 'REPORTERS', 'read_metrics', 'plot_run']
+__all__ = ['MetricsLog', 'REPORTERS', 'check_reporters', 'read_metrics', 'plot_run']
 
 REPORTERS = {  # name: (module to import, pip package)
     'tensorboard': ('torch.utils.tensorboard', 'tensorboard'),
@@ -35,7 +35,7 @@ REPORTERS = {  # name: (module to import, pip package)
 }
 
 
-def _check_reporters(report_to) -> list[str]:
+def check_reporters(report_to) -> list[str]:
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     unknown = sorted(set(names) - set(REPORTERS))
     if unknown:
@@ -109,7 +109,7 @@ class MetricsLog(Callback):
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f'log_every must be a whole number >= 1, got {log_every!r}')
         self.run_dir, self.log_every = Path(run_dir), log_every
-        self.report_to = _check_reporters(report_to)
+        self.report_to = check_reporters(report_to)
 
     def before_fit(self):
         self.active = not hasattr(self.learn, 'lr_finder')

@@ -6,6 +6,13 @@ starts. It is built with the tokenizer's batch API (Rust, all cores) and cached 
 the corpus's contents, the tokenizer and `FORMAT_VERSION`; entries are written through
 `cache.atomic_folder`, so a killed build never leaves half an entry.
 
+A cached entry is not trusted blindly: its `meta.json` records each file's size and SHA-256 and
+the largest token id. Every load checks the files, their sizes, the document offsets and that the
+ids fit the tokenizer's vocabulary (a pass over the ids, far cheaper than tokenizing); `verify=True`
+(and `finetune cache verify`) also checks the checksums. `build_token_store` rebuilds a damaged
+entry with a warning naming it; `TokenStore.load` refuses one with `DamagedTokenStore`, naming the
+entry and what to delete. `token_stores()` lists the cache's entries (`finetune cache ls`).
+
 `PackedBlocks` cuts a stream of token spans into windows of `seq_len + 1` tokens (inputs and
 shifted targets) with a stride of `seq_len`, so every token but the first is a target exactly once;
 only the final partial window is dropped, and `dropped` counts its tokens.
@@ -16,23 +23,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_folder, cache_dir, cache_folder
+from .cache import atomic_folder, cache_dir, cache_folder, sha256_file, sweep
 from .corpora import Corpus, ReadStats
 
 __all__ = [
     'FORMAT_VERSION',
+    'DamagedTokenStore',
     'TokenStore',
+    'token_stores',
     'PackedBlocks',
     'build_token_store',
     'tokenizer_fingerprint',
 ]
 
-FORMAT_VERSION = 2  # 2: per-document content hashes, unknown-token count
+FORMAT_VERSION = 3  # 2: per-document content hashes, unknown-token count; 3: file sizes and checksums
+STORE_FILES = ('ids.bin', 'offsets.npy', 'doc_hashes.npy')
 BATCH_CHARS = 1 << 22  # characters handed to the tokenizer per batch call
 PROGRESS_BYTES = 1 << 22  # corpora larger than this show a progress bar while they are tokenized
 
@@ -58,6 +69,17 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)['input_ids']
 
 
+class DamagedTokenStore(ValueError):
+    """A cached token store whose files do not match what was written."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(
+            f'the cached token store {path} is damaged: {problem}. Delete that folder (or run '
+            f'`finetune cache clear {path.name}`); the next run tokenizes the corpus again'
+        )
+
+
 @dataclass
 class TokenStore:
     """One corpus's token ids on disk: `ids[offsets[i]:offsets[i+1]]` is document `i` followed by EOS."""
@@ -68,13 +90,40 @@ class TokenStore:
     meta: dict
 
     @classmethod
-    def load(cls, path: Path) -> TokenStore:
-        meta = json.loads((path / 'meta.json').read_text())
-        n = meta['n_tokens']
-        ids = (
-            np.memmap(path / 'ids.bin', dtype=meta['dtype'], mode='r', shape=(n,)) if n else np.zeros(0, meta['dtype'])
-        )
-        return cls(path, ids, np.load(path / 'offsets.npy'), meta)
+    def load(cls, path: Path, vocab_size: int | None = None, verify: bool = False) -> TokenStore:
+        """Open a cached entry, checking files, sizes, offsets and (given `vocab_size`) the id range; with
+        `verify`, every file's SHA-256 too. A damaged entry raises `DamagedTokenStore`."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / 'meta.json').read_text())
+            n, dtype, files = int(meta['n_tokens']), np.dtype(meta['dtype']), meta['files']
+            n_docs = int(meta['n_docs'])
+        except FileNotFoundError:
+            raise DamagedTokenStore(path, 'meta.json is missing') from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DamagedTokenStore(path, f'meta.json is unreadable or incomplete ({type(e).__name__}: {e})') from None
+        for name in STORE_FILES:
+            file, want = path / name, files.get(name, {}).get('bytes')
+            if not file.is_file():
+                raise DamagedTokenStore(path, f'{name} is missing')
+            if file.stat().st_size != want:
+                raise DamagedTokenStore(path, f'{name} has {file.stat().st_size:,} bytes, {want:,} were written')
+            if verify and sha256_file(file) != files[name]['sha256']:
+                raise DamagedTokenStore(path, f'{name} does not match its checksum: its contents changed')
+        if files['ids.bin']['bytes'] != n * dtype.itemsize:
+            raise DamagedTokenStore(path, f'ids.bin should hold {n:,} {dtype.name} ids')
+        try:
+            offsets = np.load(path / 'offsets.npy')
+        except (ValueError, OSError) as e:
+            raise DamagedTokenStore(path, f'offsets.npy is unreadable ({e})') from None
+        if len(offsets) != n_docs + 1 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+            raise DamagedTokenStore(path, f'offsets.npy does not cut {n:,} tokens into {n_docs:,} documents')
+        ids = np.memmap(path / 'ids.bin', dtype=dtype, mode='r', shape=(n,)) if n else np.zeros(0, dtype)
+        if vocab_size is not None and n:
+            top = int(ids.max())
+            if top >= vocab_size:
+                raise DamagedTokenStore(path, f'it holds token id {top:,}, beyond the vocabulary of {vocab_size:,}')
+        return cls(path, ids, offsets, meta)
 
     @property
     def n_docs(self) -> int:
@@ -101,6 +150,7 @@ def build_token_store(
     tokenizer,
     cache: str | os.PathLike | None = None,  # the cache folder; default $FINETUNE_CACHE or ~/.cache/finetune
     progress: bool = True,  # show a progress bar (in MB of text) for corpora over 4 MB
+    verify: bool = False,  # check a cached entry's checksums too (sizes and id range are always checked)
 ) -> TokenStore:
     """Tokenize `corpus` into the cache, or load it from there if these inputs were tokenized before."""
     if tokenizer.eos_token_id is None:
@@ -109,18 +159,25 @@ def build_token_store(
         json.dumps([FORMAT_VERSION, corpus.fingerprint(), tokenizer_fingerprint(tokenizer)]).encode()
     ).hexdigest()[:32]
     final = cache_dir(cache) / 'tokens' / key
-    if (final / 'meta.json').exists():
-        store = TokenStore.load(final)
-        corpus.stats = ReadStats(**store.meta['read_stats'])
-        return store
-    cache_folder('tokens', cache=cache)
+    damaged = False
+    if final.exists():
+        try:
+            store = TokenStore.load(final, vocab_size=len(tokenizer), verify=verify)
+            corpus.stats = ReadStats(**store.meta['read_stats'])
+            return store
+        except DamagedTokenStore as e:
+            warnings.warn(
+                f'corpus {corpus.name!r}: {e.problem} in the cached token store {final}; tokenizing again', stacklevel=2
+            )
+            damaged = True
+    sweep(cache_folder('tokens', cache=cache))  # what killed builds left behind
     try:
-        with atomic_folder(final) as tmp:
+        with atomic_folder(final, overwrite=damaged) as tmp:
             _write_store(corpus, tokenizer, tmp, progress)
     except FileExistsError:  # another process finished the same entry first: the same content
         if not (final / 'meta.json').exists():
             raise
-    return TokenStore.load(final)
+    return TokenStore.load(final, vocab_size=len(tokenizer))
 
 
 def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> None:
@@ -190,8 +247,10 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> Non
         'max_doc_tokens': int(np.diff(offsets).max()) if len(offsets) > 1 else 0,
         'tokenizer': getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__,
         'read_stats': {k: getattr(stats, k) for k in ReadStats.__dataclass_fields__},
-    }
-    (folder / 'meta.json').write_text(json.dumps(meta, indent=1))
+        'files': {name: {'bytes': (folder / name).stat().st_size, 'sha256': sha256_file(folder / name)}
+                  for name in STORE_FILES},
+    }  # fmt: skip
+    (folder / 'meta.json').write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
 
 
 def _doc_hashes(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -246,3 +305,33 @@ def _merge_spans(spans) -> list[tuple[int, int]]:
         else:
             merged.append((int(s), int(e)))
     return merged
+
+
+def token_stores(cache: str | os.PathLike | None = None, verify: bool = False) -> list[dict]:
+    """Every entry of the cache's token stores: key, corpus, source, tokenizer, tokens, bytes on disk, status.
+
+    `status` is 'ok', 'damaged: <what>' (with `verify`, checksums included), or 'old format' for
+    entries an earlier version wrote (never read again: `finetune cache clear` frees them).
+    """
+    folder = cache_dir(cache) / 'tokens'
+    rows = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith('.') or not path.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+        try:
+            meta = json.loads((path / 'meta.json').read_text())
+        except (OSError, ValueError):
+            meta = {}
+        row = {'key': path.name, 'corpus': meta.get('corpus'), 'source': meta.get('source'),
+               'tokenizer': meta.get('tokenizer'), 'tokens': meta.get('n_tokens'), 'bytes': size}  # fmt: skip
+        if meta.get('format', FORMAT_VERSION) < FORMAT_VERSION:
+            row['status'] = 'old format'
+        else:
+            try:
+                TokenStore.load(path, verify=verify)
+                row['status'] = 'ok'
+            except DamagedTokenStore as e:
+                row['status'] = f'damaged: {e.problem}'
+        rows.append(row)
+    return rows

@@ -83,12 +83,12 @@ def test_share_for_an_unknown_corpus_in_a_config(tmp_path, corpora, no_model_loa
     config = tmp_path / 'c.toml'
     config.write_text(f'[[corpus]]\nname = "legal"\npath = "{corpora / "legal"}"\nshare = 1.5\n')
     code, _, err = run(['train', str(config)], capsys)
-    assert code == 2 and 'at most 1' in err
+    assert code == 2 and 'share = 1.5: must be a number in (0, 1]' in err
 
 
 def test_bad_values(tmp_path, corpora, no_model_loading, capsys):
     code, _, err = run(['train', '--corpus', f'legal={corpora / "legal"}', '--bs', '0'], capsys)
-    assert code == 2 and 'bs=0' in err
+    assert code == 2 and 'bs = 0: must be a whole number >= 1' in err
     code, _, err = run(['train', '--corpus', 'legal'], capsys)
     assert code == 2 and 'write NAME=VALUE' in err
     code, _, err = run(['train'], capsys)
@@ -98,12 +98,77 @@ def test_bad_values(tmp_path, corpora, no_model_loading, capsys):
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+CORPUS = '[[corpus]]\nname = "legal"\npath = "{legal}"\n'
+BAD_CONFIGS = {  # a TOML config (with one good corpus unless it says otherwise) -> what the error says
+    'lr = "fast"': "lr = 'fast': must be a number > 0, or absent",
+    'valid_pct = "x"': "valid_pct = 'x': must be a number in (0, 1)",
+    'valid_pct = 1': 'valid_pct = 1.0: must be a number in (0, 1)',
+    'out = 5': 'out = 5: must be a non-empty string',
+    'out = ""': "out = '': must be a non-empty string",
+    'lora = "yes"': "lora = 'yes': must be true or false",
+    'compile = 1': 'compile = 1: must be true or false',
+    'model = 5': 'model = 5: must be a non-empty string',
+    'bs = true': 'bs = True: must be a whole number >= 1',
+    'seq_len = 32.0': 'seq_len = 32.0: must be a whole number >= 1',
+    'seed = "x"': "seed = 'x': must be a whole number >= 0",
+    'seed = -1': 'seed = -1: must be a whole number >= 0',
+    'epoch_tokens = 0': 'epoch_tokens = 0: must be a whole number >= 1, or absent',
+    'report_to = "tensorbored"': "report_to=['tensorbored']: known trackers are",
+    'precision = "int4"': "precision = 'int4': must be one of",
+    'corpus = "data/legal"': 'corpora are tables, one per corpus',
+    '[[corpus]]\nname = "legal"\npath = "{legal}"\ndoc_sep = 5': 'doc_sep = 5: must be a string, or absent',
+    '[[corpus]]\nname = "legal"\npath = "{legal}"\ntarget = "yes"': "target = 'yes': must be true or false",
+    '[[corpus]]\nname = "legal"\npath = "{legal}"\nweight = 0': 'weight = 0.0: must be a number > 0, or absent',
+    '[[corpus]]\nname = ""\npath = "{legal}"': "name = '': must be a non-empty string",
+    '[[corpus]]\nname = "a"\npath = "{legal}"\n[[corpus]]\nname = "a"\npath = "{legal}"': "names must differ: ['a']",
+}
+
+
+@pytest.mark.parametrize('line', list(BAD_CONFIGS))
+def test_every_bad_value_is_named_before_any_model_loads(line, tmp_path, corpora, no_model_loading, capsys):
+    config = tmp_path / 'c.toml'
+    own = line.startswith(('[[corpus]]', 'corpus'))
+    text = line.format(legal=corpora / 'legal') + '\n'
+    config.write_text(text if own else text + CORPUS.format(legal=corpora / 'legal'))
+    code, _, err = run(['train', str(config)], capsys)
+    assert code == 2 and BAD_CONFIGS[line] in err, err
+
+
+def test_seq_len_beyond_the_models_context_is_refused_before_tokenizing(
+    tmp_path, corpora, tokenizer, monkeypatch, capsys
+):
+    import finetune.models as models
+    import finetune.tokens as tokens
+
+    path = tmp_path / 'short-model'
+    tiny_llama(len(tokenizer), max_position_embeddings=64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+    def refuse(*a, **k):
+        raise AssertionError('loaded or tokenized before seq_len was checked')
+
+    monkeypatch.setattr(models, 'load_model', refuse)
+    monkeypatch.setattr(tokens, '_encode_batch', refuse)
+    argv = ['train', '--model', str(path), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '128']
+    code, _, err = run(argv, capsys)
+    assert code == 2 and 'seq_len=128 is longer than the context window' in err and '(64 positions)' in err
+    assert '--seq-len' in err
+
+
+def test_the_readme_lists_every_config_key_with_its_values():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / 'README.md').read_text()
+    assert cli.config_reference() in readme
+
+
 @pytest.mark.parametrize('command', ['quickstart', 'train', 'eval', 'generate'])
 def test_help_shows_defaults(command):
     out = subprocess.run([sys.executable, '-m', 'finetune.cli', command, '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'usage: finetune' in out.stdout
     if command in ('quickstart', 'eval', 'generate'):
         assert 'default:' in out.stdout
+    assert '(default: None)' not in out.stdout and 'default none (default' not in out.stdout
 
 
 @pytest.mark.slow
@@ -216,3 +281,9 @@ def test_switches_in_a_config_are_not_undone_by_absent_flags(tmp_path, corpora):
     assert loaded.lora is True and loaded.compile is True
     flags = cli.train_config(cli.parser().parse_args(['train', '--corpus', f'legal={corpora / "legal"}', '--compile']))
     assert flags.compile is True and flags.lora is False
+
+
+def test_eval_refuses_a_seq_len_beyond_the_models_context(tiny_model_dir, corpora, capsys):
+    argv = ['eval', str(tiny_model_dir), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '1024']
+    code, _, err = run(argv, capsys)
+    assert code == 2 and 'seq_len=1024 is longer than the context window' in err and '(512 positions)' in err

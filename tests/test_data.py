@@ -165,3 +165,28 @@ def test_batches_are_not_page_locked_on_cpu(cat_corpus_dir, tokenizer, cache):
         Corpus(cat_corpus_dir), tokenizer, seq_len=16, bs=4, cache=cache, verbose=False, device='cpu', pin_memory=True
     )
     assert dls.train.pin_memory is True  # an explicit choice is kept
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'seq_len': 32.0}, 'seq_len must be a whole number of tokens >= 1, got 32.0'),
+        ({'seq_len': 0}, 'seq_len must be a whole number'),
+        ({'bs': 0}, 'bs must be a whole number >= 1, got 0'),
+        ({'bs': -1}, 'bs must be a whole number >= 1, got -1'),
+        ({'bs': True}, 'bs must be a whole number >= 1, got True'),
+        ({'valid_pct': 'x'}, "valid_pct must be a number between 0 and 1 \\(exclusive\\), got 'x'"),
+        ({'valid_pct': 1}, 'valid_pct must be a number between 0 and 1'),
+        ({'seed': 'x'}, "seed must be a whole number >= 0, got 'x'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_tokenized(kwargs, message, cat_corpus_dir, tokenizer, cache,
+                                                                 monkeypatch):  # fmt: skip
+    import finetune.tokens as tokens
+
+    def refuse(*a, **k):
+        raise AssertionError('tokenized before the arguments were checked')
+
+    monkeypatch.setattr(tokens, '_encode_batch', refuse)
+    with pytest.raises(ValueError, match=message):
+        lm_dataloaders(Corpus(cat_corpus_dir), tokenizer, **{'seq_len': 16, **kwargs}, cache=cache, verbose=False)
