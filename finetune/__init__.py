@@ -11,12 +11,13 @@ with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     import fastai.data.block  # noqa: F401
 
+from .build import causal_lm_learner
 from .checkpoint import SaveCheckpoint
 from .corpora import Corpus
 from .data import LMBlock, LMDataLoader, LMDataLoaders, lm_datablock, lm_dataloaders
 from .evaluate import CorpusPerplexity, Perplexity, corpus_perplexity
 from .generate import generate
-from .learner import CausalLMLearner, causal_lm_learner
+from .learner import CausalLMLearner
 from .loss import CausalLMLoss
 from .mix import CorpusMix, MixSampler, pack_corpora
 from .mix_report import MixChecks, MixReport, mix_report

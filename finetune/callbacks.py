@@ -22,7 +22,7 @@ from fastai.callback.core import Callback, CancelBatchException, CancelStepExcep
 from fastai.callback.progress import ProgressCallback
 
 from .distributed import all_reduce_sum
-from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass
+from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, supports_head_bypass
 from .precision import autocast
 from .splitter import find_blocks
 
@@ -61,6 +61,8 @@ class HFCausalLMCallback(Callback):
             self._config, self._use_cache = config, config.use_cache
             config.use_cache = False
         fused = self.learn.fused_head and isinstance(self.learn.loss_func, CausalLMLoss)
+        # a hook on the head (learn.summary's, a user's) must see its output: full logits for that fit
+        fused = fused and supports_head_bypass(self.learn.model)
         self._bypass = head_bypass(self.learn.model) if fused else None  # found once per fit
 
     def before_batch(self):

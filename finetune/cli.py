@@ -244,9 +244,9 @@ def train_config(a) -> TrainConfig:
 def cmd_train(a) -> None:
     config = train_config(a)
     mix = build_mix(config)
+    from .build import causal_lm_learner
     from .data import lm_dataloaders
     from .distributed import local_main_first, rank
-    from .learner import causal_lm_learner
     from .models import check_seq_len, load_model, load_tokenizer
     from .runlog import check_reporters
 
@@ -272,7 +272,7 @@ def cmd_train(a) -> None:
     learn.fit_one_cycle(config.epochs, resume=a.resume)
     saved = learn.save_pretrained(out / 'model', overwrite=True)
     if rank() == 0:
-        dls.mix_report()
+        dls.mix_report(warn=False)  # its findings were said before training; now with the tokens trained
         print(f'saved to {saved}')
 
 
@@ -415,10 +415,17 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser('generate', help='continue prompts', formatter_class=fmt)
     g.add_argument('model', help='embedded name, hub id, folder or .gguf')
     g.add_argument('prompt', nargs='+')
-    g.add_argument('--max-new-tokens', dest='max_new_tokens', type=int, default=64)
-    g.add_argument('--sample', action='store_true', help='sample instead of greedy decoding')
-    g.add_argument('--temperature', type=float, default=1.0)
-    g.add_argument('--top-p', dest='top_p', type=float, default=1.0)
+    g.add_argument(
+        '--max-new-tokens',
+        dest='max_new_tokens',
+        type=int,
+        help="tokens to add (default: the generation config's, else 64)",
+    )
+    g.add_argument('--sample', action='store_true', default=None,
+                   help="sample (default: as the model's generation config says, else greedy)")  # fmt: skip
+    g.add_argument('--greedy', dest='sample', action='store_false', help='greedy decoding, whatever the config says')
+    g.add_argument('--temperature', type=float, help="sampling temperature (default: the model's generation config)")
+    g.add_argument('--top-p', dest='top_p', type=float, help="nucleus sampling mass (default: the generation config's)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser('cache', help='list, verify or clear the token cache', formatter_class=fmt)

@@ -200,9 +200,9 @@ class LMDataLoaders(DataLoaders):
             raise ValueError(f'{len(counts)} counts for {len(self.trained_tokens)} corpora')
         self.trained_tokens = [a + int(b) for a, b in zip(self.trained_tokens, counts)]
 
-    def mix_report(self, show: bool = True, **checks):
+    def mix_report(self, show: bool = True, warn: bool = True, **checks):
         """The mix report, with the tokens training has consumed from each corpus so far."""
-        return mix_report(self.packed, trained_tokens=self.trained_tokens, show=show, **checks)
+        return mix_report(self.packed, trained_tokens=self.trained_tokens, show=show, warn=warn, **checks)
 
 
 def lm_dataloaders(

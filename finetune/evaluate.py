@@ -20,7 +20,7 @@ from .models import check_seq_len, eval_mode
 from .precision import autocast, resolve_precision
 from .tokens import PackedBlocks, build_token_store
 
-__all__ = ['Perplexity', 'CorpusPerplexity', 'corpus_perplexity']
+__all__ = ['Perplexity', 'CorpusPerplexity', 'corpus_perplexity', 'default_metrics']
 
 
 class _TokenPerplexity(Metric):
@@ -119,3 +119,9 @@ def corpus_perplexity(
             total, count = float(total), int(count)
             rows.append({'corpus': corpus.name, 'tokens': count, 'perplexity': math.exp(total / count)})
     return pd.DataFrame(rows)
+
+
+def default_metrics(dls) -> list:
+    """Overall perplexity, and each corpus's when the data has several (`dls.names`)."""
+    names = list(getattr(dls, 'names', None) or [])
+    return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]

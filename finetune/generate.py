@@ -17,42 +17,65 @@ __all__ = ['generate']
 def generate(
     model,  # a transformers causal LM
     tokenizer,  # its tokenizer
-    prompts: str | list[str],  # one prompt, or several generated as one left-padded batch
-    max_new_tokens: int = 64,  # tokens to add to each prompt
-    do_sample: bool = False,  # False: greedy decoding; True: sample with temperature / top_p / top_k
-    temperature: float = 1.0,  # sampling temperature (with do_sample)
-    top_p: float = 1.0,  # nucleus sampling mass (with do_sample)
-    top_k: int | None = None,  # keep the k most likely tokens (with do_sample)
+    prompts: str | list[str],  # one prompt, or several generated as one left-padded batch ('' starts from BOS)
+    max_new_tokens: int | None = None,  # tokens to add to each prompt; default: the generation config's, else 64
+    do_sample: bool | None = None,  # default: the model's generation config (greedy if it says nothing)
+    temperature: float | None = None,  # sampling temperature (with do_sample); default: the generation config's
+    top_p: float | None = None,  # nucleus sampling mass (with do_sample); default: the generation config's
+    top_k: int | None = None,  # keep the k most likely tokens (with do_sample); default: the generation config's
     return_prompt: bool = True,  # include each prompt in the returned text
-    **kwargs,  # passed to `model.generate` (e.g. repetition_penalty, num_beams)
-) -> str | list[str]:
-    """Continue each prompt; returns a string for a string, a list for a list."""
+    **kwargs,  # passed to `model.generate` (e.g. repetition_penalty, num_beams, num_return_sequences)
+) -> str | list:
+    """Continue each prompt: a string for a string, a list for a list; with `num_return_sequences=n` > 1, a list
+    of n strings per prompt. As with `model.generate`, what is not given comes from `model.generation_config`
+    (an instruct model's `do_sample=True, temperature=0.6`, say), and decoding is greedy when nothing says."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     if not batch:
         return []
+    config = getattr(model, 'generation_config', None)
+    if max_new_tokens is None:
+        max_new_tokens = getattr(config, 'max_new_tokens', None) or 64
     if max_new_tokens < 1:
         raise ValueError(f'max_new_tokens must be at least 1, got {max_new_tokens}')
-    if do_sample and temperature <= 0:
+    given = {'do_sample': do_sample, 'temperature': temperature, 'top_p': top_p, 'top_k': top_k}
+    given = {k: v for k, v in given.items() if v is not None}
+    sampling = given.get('do_sample', getattr(config, 'do_sample', False))
+    if sampling and given.get('temperature') is not None and given['temperature'] <= 0:
         raise ValueError(f'temperature must be positive when sampling, got {temperature}')
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    input_ids, attention_mask = _left_padded(tokenizer(batch)['input_ids'], pad, device)
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+    input_ids, attention_mask = _left_padded(_prompt_ids(tokenizer, batch), pad, device)
     with eval_mode(model):
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
             pad_token_id=pad,
             use_cache=True,
-            **sampling,
+            **given,
             **kwargs,
         )
     start = 0 if return_prompt else input_ids.shape[1]
     texts = tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+    n = kwargs.get('num_return_sequences') or 1
+    if n > 1:
+        texts = [texts[i * n : (i + 1) * n] for i in range(len(batch))]
     return texts[0] if single else texts
+
+
+def _prompt_ids(tokenizer, batch: list[str]) -> list[list[int]]:
+    """Each prompt's ids; an empty prompt starts from the BOS token (EOS where there is none)."""
+    ids = tokenizer(batch)['input_ids']
+    start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None)
+    for i, row in enumerate(ids):
+        if not row:
+            if start is None:
+                raise ValueError(
+                    f'prompt {i} is empty and the tokenizer has neither a BOS nor an EOS token to start from'
+                )
+            ids[i] = [start]
+    return ids
 
 
 def _pad_id(tokenizer) -> int:

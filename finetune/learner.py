@@ -1,10 +1,11 @@
 """The fastai `Learner` for Hugging Face causal LMs.
 
-`causal_lm_learner` wraps any `AutoModelForCausalLM` (or the hub id, folder or GGUF file of one)
-in `CausalLMLearner`, a small `Learner` subclass: fastai's `fit_one_cycle`, `fine_tune`,
-`lr_find`, recorder and progress bars work unchanged, and everything a language-model user looks
-for lives here in one place: `groups()`, `generate`, `save_pretrained`, and the overrides that make
-freezing, `lr_find` and `get_preds` right for LLMs.
+`causal_lm_learner` (in `build.py`) wraps any `AutoModelForCausalLM` (or the hub id, folder or GGUF
+file of one) in `CausalLMLearner`, a small `Learner` subclass: fastai's `fit_one_cycle`,
+`fine_tune`, `lr_find`, recorder and progress bars work unchanged, and everything a language-model
+user looks for lives here in one place: `groups()`, `generate`, `save_pretrained`, and the
+overrides that make freezing, `lr_find`, `get_preds`, `predict`, `show_results`, `to_bf16` and a
+multi-process fit right for LLMs (the work of the last ones is in `inference.py` and `ddp.py`).
 
 Defaults, and why (fine-tuning a pretrained LM, not training a CNN head):
 - torch's fused AdamW, no weight decay on 1-D tensors (norms, biases), `wd=0` as in the HF Trainer;
@@ -27,11 +28,13 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
+import fastai.callback.hook  # noqa: F401  (learn.summary)
 import fastai.callback.progress  # noqa: F401  (registers the progress bars for every Learner)
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_find live there)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelEpochException
+from fastai.callback.core import CancelEpochException
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.torch_core import to_detach
@@ -60,30 +63,22 @@ from .checkpoint import (
 )
 from .data import LMDataLoaders
 from .ddp import DDPTrainer
+from .display import show_table
 from .distributed import barrier, broadcast_object, rank, single_process, world_size
-from .evaluate import CorpusPerplexity, Perplexity
+from .evaluate import CorpusPerplexity, default_metrics
 from .generate import generate
-from .lora import add_lora, is_peft_model, save_lora
-from .loss import CausalLMLoss, resolve_fused_head
-from .models import check_seq_len, check_vocab, load_model, load_tokenizer
+from .inference import KeepPredictions, decode_rows, predict_text, results_table
+from .lora import is_peft_model, save_lora
+from .loss import CausalLMLoss
 from .optimizer import AdamW, adamw
 from .precision import resolve_precision
 from .runlog import MetricsLog
 from .splitter import LayerGroup, decoder_groups, norm_bias_params
 
-__all__ = ['CausalLMLearner', 'causal_lm_learner', 'default_metrics', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
+__all__ = ['CausalLMLearner', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
 
 DEFAULT_LR = 1e-4  # peak one-cycle LR for full fine-tuning of a pretrained LM
 LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a larger step
-
-
-class _SlimPreds(Callback):
-    """For `get_preds`: keep the most likely next token and the per-row loss, never full-vocab logits."""
-
-    order = 30
-
-    def after_loss(self):
-        self.learn.pred = self.pred.argmax(-1)
 
 
 class CausalLMLearner(Learner):
@@ -119,9 +114,16 @@ class CausalLMLearner(Learner):
         lr: float = DEFAULT_LR,
         wd: float = 0.0,
         train_bn: bool = False,  # a frozen group is entirely frozen, norms included
+        metrics=None,  # default: perplexity, and each corpus's (following `learn.dls` when it is swapped)
         cbs=None,  # more fastai callbacks
         **kwargs,  # passed to `Learner`
     ):
+        loading = sorted(set(kwargs) & {'dtype', 'torch_dtype', 'device_map', 'revision', 'attn_implementation'})
+        if loading:
+            raise TypeError(
+                f'{loading} are options for loading the model: pass them as model_kwargs={{...}} to causal_lm_learner'
+            )
+        self._auto_metrics = metrics is None
         self.tokenizer, self.precision, self.fused_head = tokenizer, precision, fused_head
         self.n_groups, self.only = n_groups, only
         self._groups_of = None  # (model, groups): found once per model
@@ -151,6 +153,7 @@ class CausalLMLearner(Learner):
             wd=wd,
             train_bn=train_bn,
             splitter=self._splitter,
+            metrics=default_metrics(dls) if metrics is None else metrics,
             cbs=[*own, *L(cbs)],
             **kwargs,
         )
@@ -160,6 +163,69 @@ class CausalLMLearner(Learner):
         self.layer_groups()  # checks n_groups now, not at the first fit
         if world_size() > 1:  # started by torchrun, accelerate launch or notebook_launcher: train together
             self.to_distributed()
+
+    def __repr__(self) -> str:
+        p = next(self.model.parameters())
+        n = sum(q.numel() for q in self.model.parameters())
+        precision = 'fp32' if self.precision is None else f'{str(self.precision)[6:]} autocast'
+        pure = '' if p.dtype == torch.float32 else f' (weights in {str(p.dtype)[6:]}: trained without an fp32 copy)'
+        return (
+            f'{type(self).__name__}({type(self.model).__name__}, {n / 1e6:,.1f}M parameters in {str(p.dtype)[6:]} '
+            f'on {p.device}, precision {precision}{pure}, {len(self.layer_groups())} layer groups, '
+            f'fused head {"on" if self.fused_head else "off"})'
+        )
+
+    # --- the data, and the per-corpus metrics that follow it ---
+    @property
+    def dls(self):
+        return self._dls
+
+    @dls.setter
+    def dls(self, dls):
+        metrics = getattr(self, '_metrics', None)  # None while fastai's __init__ sets dls first
+        if metrics is not None and self._auto_metrics:
+            self.metrics = default_metrics(dls)
+        elif metrics is not None:
+            names = list(getattr(dls, 'names', None) or [])
+            stale = [m.name for m in metrics if isinstance(m, CorpusPerplexity) and names[m.corpus : m.corpus + 1] !=
+                     [m.name[4:]]]  # fmt: skip
+            if stale:
+                raise ValueError(
+                    f'the metrics {stale} are for corpora these DataLoaders do not have in that place ({names}): '
+                    'set learn.metrics = default_metrics(dls) (from finetune.evaluate) or metrics of your own first'
+                )
+        self._dls = dls
+
+    # --- fastai's precision switches and export, mapped onto what this learner does ---
+    def to_fp16(self, **kwargs):
+        """fastai's fp16 switch: here `precision='fp16'` (CUDA only; the loss is scaled)."""
+        return self._use_precision('fp16')
+
+    def to_bf16(self):
+        """fastai's bf16 switch: here `precision='bf16'` (autocast; the weights stay fp32)."""
+        return self._use_precision('bf16')
+
+    def to_fp32(self):
+        return self._use_precision('fp32')
+
+    def _use_precision(self, name: str):
+        self.precision = resolve_precision(name, next(self.model.parameters()).device)  # errors name precision=
+        return self
+
+    def add_cb(self, cb):
+        if isinstance(cb, MixedPrecision) or (isinstance(cb, type) and issubclass(cb, MixedPrecision)):
+            raise ValueError(
+                "fastai's MixedPrecision callback does not apply here: the precision is causal_lm_learner's "
+                "precision= ('bf16', 'fp16' on CUDA, 'fp32', 'auto'), or learn.to_bf16() / learn.to_fp16()"
+            )
+        return super().add_cb(cb)
+
+    def export(self, *args, **kwargs):
+        raise NotImplementedError(
+            'learn.export() would pickle the whole Learner (absolute paths, data and all), and load_learner cannot '
+            'rebuild its batches: use learn.save_pretrained(path) for the model (plain transformers loads it, and '
+            'causal_lm_learner(dls, path) makes a learner of it again), and checkpoint_every= to resume a run'
+        )
 
     # --- several processes (see `ddp.py`) ---
     @property
@@ -468,16 +534,29 @@ class CausalLMLearner(Learner):
         restore_learner(self, ckpt, force)
         return ckpt
 
-    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, **kwargs):
-        """Per position, the most likely next token id, and the labels (with `with_loss`, each row's mean loss).
+    # --- what fastai users call after training (see `inference.py`) ---
+    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, act=None, **kwargs):
+        """Per position the most likely next token id (or `act(logits)`, per batch), the labels; decoded as text and
+        each row's mean loss on request. Full-vocabulary logits are never kept: they would not fit in memory."""
+        cbs = [KeepPredictions(act), *L(kwargs.pop('cbs', None))]
+        res = list(super().get_preds(ds_idx, dl, with_input, False, with_loss, act=noop, cbs=cbs, **kwargs))
+        i = 1 if with_input else 0
+        if with_decoded:
+            ids = res[i] is not None and not res[i].is_floating_point()
+            res.insert(i + 2, decode_rows(self.tokenizer, res[i]) if ids else res[i])
+        return tuple(res)
 
-        Full-vocabulary logits are never kept: for a validation set they would not fit in memory.
-        """
-        cbs = [_SlimPreds(), *L(kwargs.pop('cbs', None))]
-        return super().get_preds(ds_idx, dl, with_input, False, with_loss, act=lambda x: x, cbs=cbs, **kwargs)
+    def predict(self, item, max_new_tokens: int | None = None, n_words: int | None = None, **kwargs) -> str:
+        """`item` (a text, or a row of token ids) continued by the model, as text; options as for `generate`."""
+        return predict_text(self, item, max_new_tokens, n_words, **kwargs)
+
+    def show_results(self, ds_idx: int = 1, dl=None, max_n: int = 6, shuffle: bool = True, show: bool = True):
+        """Rows of a batch: corpus, input, the target's last tokens and the model's greedy next tokens there."""
+        table = results_table(self, dl if dl is not None else self.dls[ds_idx].new(shuffle=shuffle), max_n)
+        return show_table(table) if show else table
 
     # --- using the model ---
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, **kwargs) -> str | list[str]:
+    def generate(self, prompts: str | list[str], max_new_tokens: int | None = None, **kwargs) -> str | list:
         """Continue `prompts` with the model's `generate` (see `finetune.generate.generate` for options)."""
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
@@ -507,86 +586,3 @@ class CausalLMLearner(Learner):
                 self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-
-
-def causal_lm_learner(
-    dls,  # DataLoaders from `lm_dataloaders` (or any yielding input_ids, labels[, corpus])
-    model,  # an `AutoModelForCausalLM`, or a hub id / folder / .gguf file to load one from
-    *,
-    tokenizer=None,  # defaults to `dls.tokenizer`, else loaded from `model` when that is a name or path
-    n_groups: int | None = None,  # block groups (plus embeddings and head); default 4, fewer for small models
-    precision: str = 'auto',  # 'auto', 'bf16', 'fp16' (CUDA) or 'fp32'; autocast on the model's device
-    accum_steps: int = 1,  # micro-batches per optimizer step (the gradient equals one large batch's)
-    clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
-    grad_checkpointing: bool = False,  # recompute activations in backward: less memory, about 30% slower
-    fused_head: bool | None = None,  # LM head + loss in chunks, no full logits; default: wherever the model allows
-    compile: bool | dict = False,  # torch.compile each decoder block while fitting (a dict: torch.compile options)
-    run_dir: str | os.PathLike | None = None,  # the run's folder (checkpoints/); default with checkpoints: runs/<time>
-    checkpoint_every: int | None = None,  # save a checkpoint every this many optimizer steps
-    keep: int | None = None,  # keep only the newest `keep` checkpoints (default: all)
-    log_every: int = 10,  # with a run_dir: a line of metrics.jsonl every this many optimizer steps
-    report_to=None,  # also send the logs to 'tensorboard', 'wandb', 'mlflow' or 'trackio'
-    lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
-    lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
-    wd: float = 0.0,  # decoupled weight decay (on matrices only, unless wd_bn_bias=True)
-    opt_func=None,  # optimizer constructor taking fastai param groups; default `adamw`
-    loss_func=None,  # defaults to `CausalLMLoss()`: mean next-token cross-entropy
-    metrics=None,  # defaults to perplexity, plus one `ppl_<corpus>` per corpus when there are several
-    cbs=None,  # extra fastai callbacks
-    train_bn: bool = False,  # keep norms and biases of frozen groups training (fastai's default is True)
-    wd_bn_bias: bool = False,  # weight decay on norms and biases too
-    trust_remote_code: bool = False,  # for loading `model` by name
-    **kwargs,  # passed to `Learner`
-) -> CausalLMLearner:
-    """A fastai `Learner` around a causal LM, ready for `lr_find`, `fit_one_cycle` and `fine_tune`."""
-    source = model
-    model = load_model(model, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        tokenizer = getattr(dls, 'tokenizer', None)
-    if tokenizer is None and isinstance(source, (str, os.PathLike)):
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    if tokenizer is not None:
-        check_vocab(model, tokenizer)
-    check_seq_len(model, getattr(dls, 'seq_len', None))
-    device = getattr(dls, 'device', None)
-    if device is not None:
-        model.to(device)
-    dtype = resolve_precision(precision, next(model.parameters()).device)
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    only = None
-    if lora:
-        model = add_lora(model, lora)
-        only = {id(p) for p in model.parameters() if p.requires_grad}
-    return CausalLMLearner(
-        dls,
-        model,
-        tokenizer=tokenizer,
-        precision=dtype,
-        fused_head=resolve_fused_head(model, fused_head, loss_func),
-        n_groups=n_groups,
-        only=only,
-        accum_steps=accum_steps,
-        clip=clip,
-        compile=compile,
-        run_dir=run_dir,
-        checkpoint_every=checkpoint_every,
-        keep=keep,
-        log_every=log_every,
-        report_to=report_to,
-        loss_func=loss_func,
-        opt_func=opt_func,
-        lr=lr if lr is not None else (LORA_LR if lora else DEFAULT_LR),
-        wd=wd,
-        metrics=metrics if metrics is not None else default_metrics(dls),
-        cbs=cbs,
-        train_bn=train_bn,
-        wd_bn_bias=wd_bn_bias,
-        **kwargs,
-    )
-
-
-def default_metrics(dls) -> list:
-    """Overall perplexity, and each corpus's when the data has several."""
-    names = dls.names if isinstance(dls, LMDataLoaders) else []
-    return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]

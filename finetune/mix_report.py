@@ -94,8 +94,11 @@ def _asked(mix, name: str) -> str:
     return 'by size'
 
 
-def mix_report(packed, trained_tokens: list[int] | None = None, show: bool = True, **checks) -> MixReport:
-    """Report on `packed` (a `PackedCorpora`); `checks` override `MixChecks` thresholds. Warns on each finding."""
+def mix_report(
+    packed, trained_tokens: list[int] | None = None, show: bool = True, warn: bool = True, **checks
+) -> MixReport:
+    """Report on `packed` (a `PackedCorpora`); `checks` override `MixChecks` thresholds. Warns on each finding
+    (unless `warn=False`: the findings stay in `report.warnings`)."""
     import pandas as pd
 
     mix, plan, seq_len = packed.mix, packed.plan, packed.seq_len
@@ -127,7 +130,7 @@ def mix_report(packed, trained_tokens: list[int] | None = None, show: bool = Tru
     ]
     notes += [f'corpus {s.name!r}: {s.note}' for s in packed.splits if s.note]
     report = MixReport(table, diagnose(packed, MixChecks(**checks)), notes)
-    for line in report.warnings:
+    for line in report.warnings if warn else []:
         warnings.warn(line, stacklevel=2)
     if show:
         report.show()

@@ -98,8 +98,11 @@ def load_model(
     trust_remote_code: bool = False,  # run code shipped with a hub model only when asked
     **kwargs,  # passed to `from_pretrained`
 ):
-    """An ordinary, trainable `AutoModelForCausalLM`."""
+    """An ordinary, trainable `AutoModelForCausalLM`; `torch_dtype=` (transformers' old name) means `dtype=`."""
     from transformers import AutoModelForCausalLM
+
+    if 'torch_dtype' in kwargs:
+        dtype = kwargs.pop('torch_dtype')
 
     if isinstance(source, torch.nn.Module):
         return source

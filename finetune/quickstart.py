@@ -81,8 +81,8 @@ def run_quickstart(
     seed: int = 42,
 ) -> dict:
     """Fine-tune `smollm2-135m` on the Python reference mixed with stdlib docstrings; return the figures."""
+    from .build import causal_lm_learner
     from .data import lm_dataloaders
-    from .learner import causal_lm_learner
     from .models import load_model, load_tokenizer
 
     start = time.time()

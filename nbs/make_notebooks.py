@@ -172,6 +172,17 @@ TRAINING = [
     code('learn.groups()[["name", "trainable", "lr"]]'),
     code('learn.recorder.plot_loss()'),
     md(
+        '## What the model does now\n`show_results` shows validation rows: the corpus, the input, the last tokens '
+        "of the target and the model's greedy guess at each of them; `predict` continues a text, as fastai's "
+        "`LMLearner.predict` does; the interpretation lists the rows the model predicts worst."
+    ),
+    code('learn.show_results(max_n=3)'),
+    code("learn.predict('The for statement', max_new_tokens=25)"),
+    code(
+        'from finetune.inference import CausalLMInterpretation\n'
+        'CausalLMInterpretation.from_learner(learn).plot_top_losses(3)'
+    ),
+    md(
         "## Mixed precision and speed\n`precision='auto'` picked the dtype above: bf16 on CPUs that compute it "
         'natively (1.4x to 3x faster than fp32 for this model on a shared 2-core machine), bf16 or fp16 with a '
         'scaler on GPUs. The LM head and the loss run fused, in chunks, so full-vocabulary logits never exist; '
