@@ -91,7 +91,14 @@ class Corpus:
         errors: str = 'strict',  # invalid UTF-8: 'strict' raises (file, byte offset); 'replace' counts and replaces
         split: str = 'train',  # the split to read from a saved `DatasetDict`
         target: bool = False,  # marks the target domain of a mix
+        format: str = 'auto',  # 'text', 'chat' ({"messages": [...]}), 'prompt_completion', or 'auto' (from the records)
+        train_on: str = 'assistant',  # chat / prompt_completion: loss on 'assistant' (or completion) tokens, or 'all'
     ):
+        if format not in FORMATS + ('auto',):
+            raise ValueError(f'format={format!r}: use one of {FORMATS + ("auto",)}')
+        if train_on not in ('assistant', 'all'):
+            raise ValueError(f"train_on={train_on!r}: use 'assistant' (loss on the replies only) or 'all'")
+        self.train_on = train_on
         if errors not in ('strict', 'replace'):
             raise ValueError(f"errors={errors!r}: use 'strict' (raise on invalid UTF-8) or 'replace'")
         if doc_sep == '':
@@ -105,6 +112,7 @@ class Corpus:
             self.source = str(source)
             self.files = _resolve_files(self.source)
             default_name = Path(self.source.split('*')[0].rstrip('/') or '.').resolve().stem or 'corpus'
+        self.format = _detect_format(self) if format == 'auto' else format
         self.name = name if name is not None else default_name
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f'corpus name must be a non-empty string, got {self.name!r}')
@@ -112,14 +120,16 @@ class Corpus:
 
     def __repr__(self) -> str:
         what = 'dataset' if self.dataset is not None else f'{len(self.files)} file' + 's' * (len(self.files) != 1)
-        flags = ', target' if self.target else ''
+        flags = (', target' if self.target else '') + (f', {self.format}' if self.format != 'text' else '')
         return f'Corpus({self.name!r}, {what} from {_short(self.source)}{flags})'
 
     # --- identity, for the token store's cache key ---
     def fingerprint(self) -> str:
         """A hash of the corpus's contents and reading options; any changed byte changes it."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.text_field, self.doc_sep, self.errors, self.split]).encode())
+        h.update(
+            json.dumps([self.text_field, self.doc_sep, self.errors, self.split, self.format, self.train_on]).encode()
+        )
         for path in self.files:
             # a saved dataset is a folder: hash each of its files
             parts = sorted(f for f in path.rglob('*') if f.is_file()) if path.is_dir() else [path]
@@ -177,6 +187,20 @@ class Corpus:
             self.stats.empty_files = len(empty)
             names = ', '.join(str(p) for p in empty[:5]) + (f' and {len(empty) - 5} more' if len(empty) > 5 else '')
             warnings.warn(f'corpus {self.name!r}: skipped {len(empty)} empty file(s): {names}', stacklevel=2)
+
+    def records(self) -> Iterator[tuple[dict, str]]:
+        """Chat and prompt/completion corpora: each record (a dict) with where it came from ('file line N')."""
+        if self.format == 'text':
+            raise ValueError(f'corpus {self.name!r} is plain text: read it with segments()')
+        self.stats = ReadStats()
+        sources = [(self.dataset, self.source)] if self.dataset is not None else [(p, p) for p in self.files]
+        for source, where in sources:
+            for record, place in _raw_records(source, where, self):
+                problem = _record_problem(record, self.format)
+                if problem:
+                    raise ValueError(f'corpus {self.name!r}: {place}: {problem}')
+                self.stats.documents += 1
+                yield record, place
 
     def _records(self, texts: Iterator[str]) -> Iterator[tuple[str, bool]]:
         for text in texts:
@@ -329,6 +353,89 @@ def _read_text_chunks(path: Path, errors: str, corpus: Corpus) -> Iterator[str]:
     with _decoding(path, corpus), _open_text(path, errors) as f:
         while chunk := f.read(CHUNK_CHARS):
             yield chunk
+
+
+FORMATS = ('text', 'chat', 'prompt_completion')
+
+
+def _first_record(corpus: Corpus):
+    """The first record of a corpus of records (JSONL, Parquet, datasets), or None for text files."""
+    if corpus.dataset is not None:
+        return next(iter(corpus.dataset), None) if not isinstance(corpus.dataset.column_names, dict) else None
+    for path in corpus.files:
+        suffix = path.suffix.lower()
+        if suffix == '.jsonl' and path.stat().st_size:
+            with open(path, encoding='utf-8', errors='replace') as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            return json.loads(line)
+                        except json.JSONDecodeError:
+                            return None
+        elif suffix == '.parquet':
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(path).schema_arrow.names
+            return dict.fromkeys(names)
+        return None
+    return None
+
+
+def _detect_format(corpus: Corpus) -> str:
+    record = _first_record(corpus)
+    if isinstance(record, dict) and 'messages' in record and corpus.text_field not in record:
+        return 'chat'
+    if isinstance(record, dict) and {'prompt', 'completion'} <= set(record) and corpus.text_field not in record:
+        return 'prompt_completion'
+    return 'text'
+
+
+def _raw_records(source, where, corpus: Corpus) -> Iterator[tuple[dict, str]]:
+    if not isinstance(source, Path) or _is_dataset_dir(source):
+        import datasets
+
+        data = datasets.load_from_disk(str(source)) if isinstance(source, Path) else source
+        data = data[corpus.split] if isinstance(data.column_names, dict) else data
+        for i, row in enumerate(data):
+            yield row, f'{where} row {i}'
+    elif source.suffix.lower() == '.jsonl':
+        with _decoding(source, corpus), _open_text(source, corpus.errors) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line), f'{source} line {lineno}'
+                    except json.JSONDecodeError as e:
+                        raise ValueError(
+                            f'corpus {corpus.name!r}: {source} line {lineno} is not valid JSON ({e.msg})'
+                        ) from None
+    elif source.suffix.lower() == '.parquet':
+        import pyarrow.parquet as pq
+
+        for b, batch in enumerate(pq.ParquetFile(source).iter_batches(batch_size=RECORD_BATCH)):
+            for i, row in enumerate(batch.to_pylist()):
+                yield row, f'{source} row {b * RECORD_BATCH + i}'
+    else:
+        raise ValueError(f'corpus {corpus.name!r}: {source} is not .jsonl, .parquet or a dataset: it holds no records')
+
+
+def _record_problem(record, format: str) -> str | None:
+    """What is wrong with one chat or prompt/completion record, or None."""
+    if not isinstance(record, dict):
+        return f'the record is {type(record).__name__}, not an object'
+    if format == 'prompt_completion':
+        for key in ('prompt', 'completion'):
+            if not isinstance(record.get(key), str):
+                return f'{key!r} is missing or not text (the record has {sorted(record)})'
+        return None if record['completion'].strip() else 'the completion is empty: nothing to train on'
+    messages = record.get('messages')
+    if not isinstance(messages, list) or not messages:
+        return f"no 'messages' list of turns (the record has {sorted(record)})"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get('role'), str) or not isinstance(m.get('content'), str):
+            return f"message {i} is not a {{'role': ..., 'content': ...}} object of text: {str(m)[:80]}"
+    if not any(m['role'] == 'assistant' for m in messages):
+        return 'the conversation has no assistant turn: nothing to train on'
+    return None
 
 
 def _jsonl_texts(path: Path, field: str, errors: str, corpus: Corpus) -> Iterator[str]:

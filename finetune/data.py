@@ -41,7 +41,7 @@ class TokenIds(Transform):
         return torch.from_numpy(o.astype(np.int64))
 
     def decodes(self, o: torch.Tensor):
-        return self.tokenizer.decode(o.tolist())
+        return self.tokenizer.decode([t for t in o.tolist() if t != IGNORE_INDEX])
 
 
 class LMDataLoader(TfmdDL):

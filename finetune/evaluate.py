@@ -85,7 +85,8 @@ def corpus_perplexity(
     max_blocks: int | None = None,  # evaluate at most this many blocks per corpus
     cache=None,  # token cache folder
 ):
-    """Token-weighted perplexity of `model` on each corpus, over all of its tokens; a DataFrame."""
+    """Token-weighted perplexity of `model` on each corpus, over all of its tokens (a chat corpus's replies); a
+    DataFrame."""
     import pandas as pd
     from fastprogress.fastprogress import progress_bar
 
@@ -98,7 +99,7 @@ def corpus_perplexity(
     with eval_mode(model), head_bypass(model) if fused else nullcontext() as head:
         for corpus in corpora:
             store = build_token_store(corpus, tokenizer, cache)
-            blocks = PackedBlocks(store.ids, [(0, store.n_tokens)], seq_len)
+            blocks = PackedBlocks(store.ids, [(0, store.n_tokens)], seq_len, store.mask)
             if not len(blocks):
                 raise ValueError(
                     f'corpus {corpus.name!r} has {store.n_tokens:,} tokens, fewer than one block of '
@@ -107,13 +108,15 @@ def corpus_perplexity(
             n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
             total, count = 0, 0  # summed on the device: read once per corpus
             for start in progress_bar(range(0, n, bs), leave=False):
-                batch = torch.stack(
-                    [torch.from_numpy(blocks[i].astype('int64')) for i in range(start, min(n, start + bs))]
-                )
-                batch = batch.to(device)
+                picks = range(start, min(n, start + bs))
+                batch = torch.stack([torch.from_numpy(blocks[i].astype('int64')) for i in picks]).to(device)
+                labels = batch[:, 1:].clone()
+                if blocks.mask is not None:  # a chat corpus: scored on its replies, as it is trained
+                    mask = torch.stack([torch.from_numpy(blocks.mask_window(i)[1:].astype(bool)) for i in picks])
+                    labels[~mask.to(device)] = IGNORE_INDEX
                 with autocast(device.type, dtype):
                     pred = model(input_ids=batch[:, :-1]).logits
-                loss_func(HeadInput(pred, head, dtype) if fused else pred, batch[:, 1:])
+                loss_func(HeadInput(pred, head, dtype) if fused else pred, labels)
                 total = total + loss_func.row_loss.sum()
                 count = count + loss_func.row_tokens.sum()
             total, count = float(total), int(count)

@@ -135,7 +135,7 @@ class MixPlan:
     names: list[str]
     sizes: list[int]  # training blocks per corpus
     draws: list[int]  # blocks drawn per corpus per epoch
-    fractions: list[float]  # the asked-for fraction of the epoch
+    fractions: list[float]  # the asked-for fraction of the epoch's trained tokens
     seq_len: int
 
     @property
@@ -147,13 +147,23 @@ class MixPlan:
         return [d / s if s else 0.0 for d, s in zip(self.draws, self.sizes)]
 
 
-def plan_mix(mix: CorpusMix, sizes: list[int], seq_len: int) -> MixPlan:
-    """Exact block counts per corpus for one epoch (largest-remainder rounding to the epoch size)."""
-    fractions = mix.fractions(dict(zip(mix.names, sizes)))
+def plan_mix(mix: CorpusMix, sizes: list[int], seq_len: int, trained: list[float] | None = None) -> MixPlan:
+    """Exact block counts per corpus for one epoch (largest-remainder rounding to the epoch size).
+
+    Weights and shares are of *trained* tokens: `trained[i]` is the fraction of corpus i's tokens that
+    carry a label (below 1 for a chat corpus trained on its replies only), so a chat corpus with
+    half its tokens masked gets twice the blocks for the same share. Mixed by size, every block is
+    drawn once per epoch either way.
+    """
+    trained = [1.0] * len(sizes) if trained is None else [max(r, 1e-9) for r in trained]
+    by_trained = mix.fractions({n: s * r for n, s, r in zip(mix.names, sizes, trained)})
+    blocks = {n: by_trained[n] / r for n, r in zip(mix.names, trained)}
+    total = sum(blocks.values())
+    block_share = {n: (b / total if total > 0 else 0.0) for n, b in blocks.items()}  # of the epoch's blocks
     epoch = mix.epoch_tokens // seq_len if mix.epoch_tokens else sum(sizes)
     if epoch < 1:
         raise ValueError(f'epoch_tokens={mix.epoch_tokens} is less than one block of seq_len={seq_len}')
-    exact = [epoch * fractions[n] for n in mix.names]
+    exact = [epoch * block_share[n] for n in mix.names]
     draws = [math.floor(x) for x in exact]
     for i in sorted(range(len(exact)), key=lambda i: draws[i] - exact[i])[: epoch - sum(draws)]:
         draws[i] += 1
@@ -162,11 +172,11 @@ def plan_mix(mix: CorpusMix, sizes: list[int], seq_len: int) -> MixPlan:
             raise ValueError(f'corpus {name!r} has no training blocks but its share asks for {d}')
         if s and d / s > HARD_MAX_REPEATS and not mix.force:
             raise ValueError(
-                f'corpus {name!r}: its share of {fractions[name]:.1%} asks for {d:,} blocks per epoch from {s:,} '
+                f'corpus {name!r}: its share of {by_trained[name]:.1%} asks for {d:,} blocks per epoch from {s:,} '
                 f'training blocks, {d / s:,.0f} repeats (limit {HARD_MAX_REPEATS}): lower its share or epoch_tokens, '
                 'add documents, or pass force=True'
             )
-    return MixPlan(list(mix.names), list(sizes), draws, [fractions[n] for n in mix.names], seq_len)
+    return MixPlan(list(mix.names), list(sizes), draws, [by_trained[n] for n in mix.names], seq_len)
 
 
 def pack_corpora(
@@ -181,7 +191,8 @@ def pack_corpora(
     mix = corpora if isinstance(corpora, CorpusMix) else CorpusMix(corpora)
     with local_main_first():  # several processes: each machine's first builds the token stores, the others open them
         splits = split_corpora(mix.corpora, tokenizer, seq_len, valid_pct, seed, cache)
-    plan = plan_mix(mix, [len(s.train) for s in splits], seq_len)
+    ratios = [s.train.n_trained / (len(s.train) * seq_len) if len(s.train) else 1.0 for s in splits]
+    plan = plan_mix(mix, [len(s.train) for s in splits], seq_len, ratios)
     return PackedCorpora(splits, tokenizer, seq_len, mix, plan)
 
 

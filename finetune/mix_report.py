@@ -102,7 +102,9 @@ def mix_report(
     import pandas as pd
 
     mix, plan, seq_len = packed.mix, packed.plan, packed.seq_len
-    epoch = max(plan.epoch_blocks, 1)
+    ratio = trained_ratios(packed)
+    epoch = max(sum(d * r for d, r in zip(plan.draws, ratio)), 1e-9)  # trained tokens per epoch, in blocks
+    chat = any(s.store.mask is not None for s in packed.splits)
     rows = []
     for i, (s, c) in enumerate(zip(packed.splits, mix.corpora)):
         row = {
@@ -114,11 +116,14 @@ def mix_report(
             'valid tokens': s.valid.n_tokens,
             'valid documents': s.valid_docs,
             'asked': _asked(mix, s.name),
-            'epoch share': plan.draws[i] / epoch,
+            'epoch share': plan.draws[i] * ratio[i] / epoch,  # of the tokens the loss is taken on
             'tokens/epoch': plan.draws[i] * seq_len,
             'repeats': plan.repeats[i],
             'dropped tokens': s.dropped,
         }
+        if chat:  # conversations: the loss is on the replies only
+            row['format'] = getattr(c, 'format', 'text')
+            row['loss tokens/epoch'] = round(plan.draws[i] * seq_len * ratio[i])
         if trained_tokens is not None and any(trained_tokens):
             row['trained tokens'] = trained_tokens[i]
         rows.append(row)
@@ -137,11 +142,23 @@ def mix_report(
     return report
 
 
+def trained_ratios(packed) -> list[float]:
+    """Per corpus, the fraction of its training tokens that carry a label (1 but for chat corpora)."""
+    return [s.train.n_trained / (len(s.train) * packed.seq_len) if len(s.train) else 1.0 for s in packed.splits]
+
+
 def diagnose(packed, checks: MixChecks) -> list[str]:
     """What is wrong with this mix, each finding with what to do about it."""
     mix, plan = packed.mix, packed.plan
     out = []
-    epoch = max(plan.epoch_blocks, 1)
+    ratio = trained_ratios(packed)
+    epoch = max(sum(d * r for d, r in zip(plan.draws, ratio)), 1e-9)
+    if getattr(packed.tokenizer, 'chat_template', None) and all(s.store.mask is None for s in packed.splits):
+        out.append(
+            'the tokenizer has a chat template (an instruct model) and no chat corpus is in the mix: fine-tuning it on '
+            'raw text alone erodes how it follows instructions; add some conversations (a .jsonl of {"messages": '
+            '[...]} records) with share=0.1 to 0.2 and watch their perplexity'
+        )
     targets = [i for i, c in enumerate(mix.corpora) if getattr(c, 'target', False)]
     if not targets and len(mix.corpora) > 1:
         out.append(
@@ -149,7 +166,7 @@ def diagnose(packed, checks: MixChecks) -> list[str]:
             'training can be checked'
         )
     elif targets:
-        share = sum(plan.draws[i] for i in targets) / epoch
+        share = sum(plan.draws[i] * ratio[i] for i in targets) / epoch
         if share < checks.min_target_share:
             names = [plan.names[i] for i in targets]
             out.append(

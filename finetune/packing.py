@@ -81,8 +81,8 @@ def _split_corpus(
     return CorpusSplit(
         name,
         store,
-        PackedBlocks(store.ids, train, seq_len),
-        PackedBlocks(store.ids, valid, seq_len),
+        PackedBlocks(store.ids, train, seq_len, store.mask),
+        PackedBlocks(store.ids, valid, seq_len, store.mask),
         valid_ids,
         note,
     )
@@ -134,7 +134,14 @@ class PackedCorpora:
         return self.block(item)[:-1]
 
     def labels(self, item: int) -> np.ndarray:
-        return self.block(item)[1:]
+        """The next token at each position; `IGNORE_INDEX` where a chat corpus's mask says not to train."""
+        c, i = self._index[item]
+        blocks = self.splits[c].train if item < self.n_train else self.splits[c].valid
+        labels = blocks[int(i)][1:].astype(np.int64)
+        mask = blocks.mask_window(int(i))
+        if mask is not None:
+            labels[mask[1:] == 0] = IGNORE_INDEX
+        return labels
 
     def __repr__(self) -> str:
         parts = ', '.join(f'{s.name}: {len(s.train)}+{len(s.valid)}' for s in self.splits)

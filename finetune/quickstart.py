@@ -1,9 +1,12 @@
 """The quickstart: fine-tune the embedded SmolLM2-135M on Python's own documentation, on any machine.
 
-Two corpora that every Python install has, written as text files into the cache:
+Three corpora that every Python install has, written into the cache:
 - target domain: the Python language reference (`pydoc_data.topics`, one document per topic);
 - general text: the docstrings of standard-library modules, read from their source files with `ast`
-  (importing every module would have side effects), one document per docstring.
+  (importing every module would have side effects), one document per docstring;
+- chat replay: questions about standard-library functions ("What does `json.dumps` do?") answered
+  by the first paragraph of their docstrings, as `{"messages": [...]}` records, so that the
+  instruct model keeps answering questions while it learns the domain (the loss is on the answers).
 
 `run_quickstart` shows the mix report, each corpus's perplexity before and after training, and a
 generation for the same prompt before and after, then saves the model. It is sized to finish in
@@ -23,7 +26,7 @@ from .cache import cache_dir
 from .corpora import Corpus
 from .mix import CorpusMix
 
-__all__ = ['python_reference_corpus', 'stdlib_docstrings_corpus', 'run_quickstart', 'PROMPT']
+__all__ = ['python_reference_corpus', 'stdlib_docstrings_corpus', 'stdlib_chat_corpus', 'run_quickstart', 'PROMPT']
 
 PROMPT = 'The with statement is used to'
 DOC_SEP = '\x1e'  # ASCII record separator between docstrings: it never occurs inside one
@@ -68,6 +71,40 @@ def stdlib_docstrings_corpus(folder: Path, max_modules: int = 400) -> Corpus:
     return Corpus(folder, name='stdlib_docstrings', doc_sep=DOC_SEP)
 
 
+def stdlib_chat_corpus(folder: Path, max_pairs: int = 1500) -> Corpus:
+    """Question/answer conversations about stdlib functions and classes: the question names it, the answer is the
+    first paragraph of its docstring (`qa.jsonl`, `{"messages": [user, assistant]}` records)."""
+    import json
+
+    path = folder / 'qa.jsonl'
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        stdlib = Path(sysconfig.get_paths()['stdlib'])
+        lines, seen = [], set()
+        for source in sorted(p for p in stdlib.glob('*.py') if not p.stem.startswith('_')):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore')
+                    tree = ast.parse(source.read_text(encoding='utf-8', errors='replace'))
+            except (SyntaxError, ValueError):
+                continue
+            for node in tree.body:
+                if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith('_'):
+                    continue
+                doc = (ast.get_docstring(node) or '').split('\n\n')[0].strip()
+                if len(doc) < 40 or doc in seen:
+                    continue
+                seen.add(doc)
+                kind = 'class' if isinstance(node, ast.ClassDef) else 'function'
+                question = f'What does the {kind} `{source.stem}.{node.name}` do?'
+                turns = [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': doc}]
+                lines.append(json.dumps({'messages': turns}))
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text('\n'.join(lines[:max_pairs]) + '\n')
+        tmp.replace(path)
+    return Corpus(path, name='stdlib_chat')
+
+
 def run_quickstart(
     out: str | os.PathLike = 'finetune-quickstart',  # where the fine-tuned model is saved
     steps: int = 80,  # optimizer steps of bs x seq_len tokens
@@ -75,6 +112,7 @@ def run_quickstart(
     bs: int = 4,
     lr: float = 1e-4,
     share: float = 0.5,  # the target domain's share of training tokens
+    chat_share: float = 0.1,  # the chat replay's share (0: none; the model then drifts from answering questions)
     precision: str = 'auto',
     max_valid_blocks: int = 16,  # validation blocks per corpus (fewer: a faster but noisier perplexity)
     cache: str | os.PathLike | None = None,
@@ -94,7 +132,11 @@ def run_quickstart(
         warnings.simplefilter('ignore')  # the stdlib has empty and odd files; the report still shows them
         target = python_reference_corpus(data / 'python_reference')
         general = stdlib_docstrings_corpus(data / 'stdlib_docstrings')
-    mix = CorpusMix([general, target], share={target.name: share}, epoch_tokens=steps * bs * seq_len, seed=seed)
+        chat = stdlib_chat_corpus(data / 'stdlib_chat')
+    corpora, shares = [general, target], {target.name: share}
+    if chat_share:
+        corpora, shares = [general, target, chat], {target.name: share, chat.name: chat_share}
+    mix = CorpusMix(corpora, share=shares, epoch_tokens=steps * bs * seq_len, seed=seed)
     print('1. the corpora and the mix')
     tok = load_tokenizer('smollm2-135m')
     dls = lm_dataloaders(

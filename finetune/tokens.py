@@ -25,6 +25,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     'DamagedTokenStore',
     'TokenStore',
     'token_stores',
+    'render_record',
     'PackedBlocks',
     'build_token_store',
     'tokenizer_fingerprint',
@@ -88,6 +90,7 @@ class TokenStore:
     ids: np.ndarray  # memory-mapped, read only
     offsets: np.ndarray  # int64, n_docs + 1
     meta: dict
+    mask: np.ndarray | None = None  # chat corpora: 1 where a token is trained on (the replies), memory-mapped
 
     @classmethod
     def load(cls, path: Path, vocab_size: int | None = None, verify: bool = False) -> TokenStore:
@@ -102,7 +105,7 @@ class TokenStore:
             raise DamagedTokenStore(path, 'meta.json is missing') from None
         except (ValueError, KeyError, TypeError) as e:
             raise DamagedTokenStore(path, f'meta.json is unreadable or incomplete ({type(e).__name__}: {e})') from None
-        for name in STORE_FILES:
+        for name in STORE_FILES + (('mask.bin',) if meta.get('mask') else ()):
             file, want = path / name, files.get(name, {}).get('bytes')
             if not file.is_file():
                 raise DamagedTokenStore(path, f'{name} is missing')
@@ -123,7 +126,17 @@ class TokenStore:
             top = int(ids.max())
             if top >= vocab_size:
                 raise DamagedTokenStore(path, f'it holds token id {top:,}, beyond the vocabulary of {vocab_size:,}')
-        return cls(path, ids, offsets, meta)
+        mask = None
+        if meta.get('mask'):
+            if files['mask.bin']['bytes'] != n:
+                raise DamagedTokenStore(path, f'mask.bin should hold {n:,} flags')
+            mask = np.memmap(path / 'mask.bin', dtype=np.uint8, mode='r', shape=(n,)) if n else np.zeros(0, np.uint8)
+        return cls(path, ids, offsets, meta, mask)
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens that carry a label (all of them, but for the replies-only mask of a chat corpus)."""
+        return self.n_tokens if self.mask is None else int(self.meta['n_trained'])
 
     @property
     def n_docs(self) -> int:
@@ -155,6 +168,11 @@ def build_token_store(
     """Tokenize `corpus` into the cache, or load it from there if these inputs were tokenized before."""
     if tokenizer.eos_token_id is None:
         raise ValueError(f'tokenizer {type(tokenizer).__name__} has no eos_token: documents need one between them')
+    if getattr(corpus, 'format', 'text') == 'chat' and not getattr(tokenizer, 'chat_template', None):
+        raise ValueError(
+            f'corpus {corpus.name!r} holds conversations, but tokenizer {type(tokenizer).__name__} has no chat '
+            'template to render them: use the tokenizer of an instruct model, or set tokenizer.chat_template'
+        )
     key = hashlib.sha256(
         json.dumps([FORMAT_VERSION, corpus.fingerprint(), tokenizer_fingerprint(tokenizer)]).encode()
     ).hexdigest()[:32]
@@ -173,7 +191,10 @@ def build_token_store(
     sweep(cache_folder('tokens', cache=cache))  # what killed builds left behind
     try:
         with atomic_folder(final, overwrite=damaged) as tmp:
-            _write_store(corpus, tokenizer, tmp, progress)
+            if getattr(corpus, 'format', 'text') == 'text':
+                _write_store(corpus, tokenizer, tmp, progress)
+            else:
+                _write_record_store(corpus, tokenizer, tmp)
     except FileExistsError:  # another process finished the same entry first: the same content
         if not (final / 'meta.json').exists():
             raise
@@ -227,6 +248,12 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> Non
         flush()
         if bar is not None:
             bar.update(bar.total)
+    _finish_store(folder, corpus, tokenizer, offsets, n_tokens, dtype)
+
+
+def _finish_store(folder: Path, corpus, tokenizer, offsets: list[int], n_tokens: int, dtype, **extra) -> None:
+    """Offsets, document hashes and `meta.json` (written last) of an entry whose ids.bin (and mask.bin) exist."""
+    eos = tokenizer.eos_token_id
     offsets = np.asarray(offsets, dtype=np.int64)
     np.save(folder / 'offsets.npy', offsets)
     ids = np.memmap(folder / 'ids.bin', dtype=dtype, mode='r', shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
@@ -248,9 +275,72 @@ def _write_store(corpus: Corpus, tokenizer, folder: Path, progress: bool) -> Non
         'tokenizer': getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__,
         'read_stats': {k: getattr(stats, k) for k in ReadStats.__dataclass_fields__},
         'files': {name: {'bytes': (folder / name).stat().st_size, 'sha256': sha256_file(folder / name)}
-                  for name in STORE_FILES},
+                  for name in STORE_FILES + (('mask.bin',) if extra.get('mask') else ())},
+        **extra,
     }  # fmt: skip
     (folder / 'meta.json').write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
+
+
+def _write_record_store(corpus, tokenizer, folder: Path) -> None:
+    """A chat or prompt/completion corpus: each record rendered, with a mask of the tokens the loss is taken on."""
+    eos = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    offsets, n_tokens, n_trained = [0], 0, 0
+    with open(folder / 'ids.bin', 'wb') as ids_out, open(folder / 'mask.bin', 'wb') as mask_out:
+        for record, place in corpus.records():
+            try:
+                ids, mask = render_record(tokenizer, record, corpus.format, corpus.train_on)
+            except Exception as e:  # a template's own error (an unknown role, turns out of order)
+                raise ValueError(f'corpus {corpus.name!r}: {place}: the chat template cannot render it: {e}') from None
+            if not any(mask):
+                raise ValueError(f'corpus {corpus.name!r}: {place}: no token to train on once rendered')
+            ids_out.write(np.asarray([*ids, eos], dtype=dtype).tobytes())
+            mask_out.write(np.asarray([*mask, 0], dtype=np.uint8).tobytes())
+            n_tokens += len(ids) + 1
+            n_trained += int(sum(mask))
+            offsets.append(n_tokens)
+    _finish_store(folder, corpus, tokenizer, offsets, n_tokens, dtype, mask=True, n_trained=n_trained,
+                  train_on=corpus.train_on, chat_format=corpus.format)  # fmt: skip
+
+
+def render_record(tokenizer, record: dict, format: str, train_on: str = 'assistant') -> tuple[list[int], list[int]]:
+    """Token ids of one chat or prompt/completion record, and a 0/1 mask: 1 on the tokens the loss is taken on.
+
+    A conversation is rendered with the tokenizer's chat template. Where the template marks replies
+    (`{% generation %}`), transformers' assistant mask is used; otherwise the replies are found by
+    rendering growing prefixes of the conversation: reply i spans from the end of the conversation
+    up to it with the generation prompt to the end of the conversation including it (its end-of-turn
+    tokens included, so the model learns to stop). A prompt/completion record is the prompt then the
+    completion, the mask on the completion.
+    """
+    if format == 'prompt_completion':
+        text, spans = record['prompt'] + record['completion'], [(len(record['prompt']), None)]
+    else:
+        messages = [{'role': m['role'], 'content': m['content']} for m in record['messages']]
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ''
+        if train_on == 'assistant' and '{% generation %}' in template.replace('{%- generation %}', '{% generation %}'):
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            return list(out['input_ids']), [int(m) for m in out['assistant_masks']]
+        render = partial(tokenizer.apply_chat_template, tokenize=False)
+        text, spans = render(messages), []
+        for i, m in enumerate(messages):
+            if m['role'] != 'assistant':
+                continue
+            before = render(messages[:i], add_generation_prompt=True) if i else ''
+            upto = render(messages[: i + 1])
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise ValueError(
+                    'the template does not render the conversation as a growing text, so the replies cannot be '
+                    "told apart: use train_on='all'"
+                )
+            spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if train_on == 'all':
+        return list(enc['input_ids']), [1] * len(enc['input_ids'])
+    mask = [int(any(a <= start and (b is None or start < b) for a, b in spans)) for start, _ in enc['offset_mapping']]
+    return list(enc['input_ids']), mask
 
 
 def _doc_hashes(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -264,10 +354,10 @@ def _doc_hashes(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 class PackedBlocks:
     """Windows of `seq_len + 1` tokens cut with stride `seq_len` from the concatenation of `spans` of `ids`."""
 
-    def __init__(self, ids: np.ndarray, spans: list[tuple[int, int]], seq_len: int):
+    def __init__(self, ids: np.ndarray, spans: list[tuple[int, int]], seq_len: int, mask: np.ndarray | None = None):
         if seq_len < 1:
             raise ValueError(f'seq_len must be at least 1, got {seq_len}')
-        self.ids, self.seq_len = ids, seq_len
+        self.ids, self.seq_len, self.mask = ids, seq_len, mask  # mask: a chat corpus's trained-token flags
         self.spans = _merge_spans(spans)
         starts = np.asarray([s for s, _ in self.spans], dtype=np.int64)
         lengths = np.asarray([e - s for s, e in self.spans], dtype=np.int64)
@@ -280,16 +370,31 @@ class PackedBlocks:
         return self.n_blocks
 
     def __getitem__(self, i: int) -> np.ndarray:
+        return self._window(self.ids, i)
+
+    def mask_window(self, i: int) -> np.ndarray | None:
+        """Block `i`'s trained-token flags (1: the loss is taken there), or None for a corpus of plain text."""
+        return None if self.mask is None else self._window(self.mask, i)
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens that are targets of some block and carry a label (the first token of the stream is no target)."""
+        if self.mask is None or not self.n_blocks:
+            return self.n_blocks * self.seq_len
+        stream = np.concatenate([self.mask[a:b] for a, b in self.spans])
+        return int(stream[1 : self.n_blocks * self.seq_len + 1].sum(dtype=np.int64))
+
+    def _window(self, array: np.ndarray, i: int) -> np.ndarray:
         if not -self.n_blocks <= i < self.n_blocks:
             raise IndexError(f'block {i} out of range for {self.n_blocks} blocks')
         a = (i % self.n_blocks) * self.seq_len
         b = a + self.seq_len + 1
         if len(self.spans) == 1:
             s = self._starts[0]
-            return np.asarray(self.ids[s + a : s + b])
+            return np.asarray(array[s + a : s + b])
         pos = np.arange(a, b, dtype=np.int64)
         span = np.searchsorted(self._cum, pos, side='right') - 1
-        return np.asarray(self.ids[self._starts[span] + pos - self._cum[span]])
+        return np.asarray(array[self._starts[span] + pos - self._cum[span]])
 
     def __repr__(self) -> str:
         return f'PackedBlocks({self.n_blocks:,} blocks of {self.seq_len}+1 tokens, {self.dropped} dropped)'

@@ -174,7 +174,7 @@ TRAINING = [
     md(
         '## What the model does now\n`show_results` shows validation rows: the corpus, the input, the last tokens '
         "of the target and the model's greedy guess at each of them; `predict` continues a text, as fastai's "
-        "`LMLearner.predict` does; the interpretation lists the rows the model predicts worst."
+        '`LMLearner.predict` does; the interpretation lists the rows the model predicts worst.'
     ),
     code('learn.show_results(max_n=3)'),
     code("learn.predict('The for statement', max_new_tokens=25)"),
@@ -282,12 +282,74 @@ LONG_RUNS = [
     ),
 ]
 
+CHAT_REPLAY = [
+    md(
+        '# 05 · Chat replay: keep an instruct model answering while it learns a domain\n\n'
+        'SmolLM2-135M-Instruct is instruction-tuned, like most models people start from. Fine-tuned on raw domain '
+        'text alone, it drifts from answering questions. Mixing some conversations back in ("replay") keeps it: '
+        'here, questions about standard-library functions answered by their docstrings, rendered with the '
+        "model's own chat template and trained on the answers only."
+    ),
+    SETUP,
+    CORPORA,
+    code(
+        'from finetune.quickstart import stdlib_chat_corpus\n'
+        'chat = stdlib_chat_corpus(data / \'stdlib_chat\')   # {"messages": [user, assistant]} records\n'
+        'chat, next(chat.records())[0]'
+    ),
+    md(
+        'The conversation as the model sees it, and the tokens the loss is taken on (the answer and its '
+        'end-of-turn token):'
+    ),
+    code(
+        'from finetune import load_tokenizer\n'
+        'from finetune.tokens import render_record\n'
+        "tok = load_tokenizer('smollm2-135m')\n"
+        "ids, mask = render_record(tok, next(chat.records())[0], 'chat')\n"
+        "print(tok.decode(ids))\nprint('trained on:', repr(tok.decode([i for i, m in zip(ids, mask) if m])))"
+    ),
+    md(
+        'Two mixes of the same size: the domain and general text only, and the same with 15% of the trained '
+        'tokens from the conversations. Shares are of *trained* tokens: the report shows the chat corpus needs '
+        'more blocks for its share, since its questions carry no loss.'
+    ),
+    code(
+        'from finetune import CorpusMix, causal_lm_learner, corpus_perplexity, lm_dataloaders, load_model\n'
+        'size = dict(epoch_tokens=STEPS * 4 * 256, seed=42)\n'
+        "plain = CorpusMix([general, reference], share={'python_reference': 0.5}, **size)\n"
+        "replay = CorpusMix([general, reference, chat], share={'python_reference': 0.5, 'stdlib_chat': 0.15}, **size)\n"
+        'dls_replay = lm_dataloaders(replay, tok, seq_len=256, bs=4, max_valid_blocks=8)'
+    ),
+    code(
+        'def scores(model):\n'
+        "    return corpus_perplexity(model, tok, [reference, chat], seq_len=256, max_blocks=16).set_index('corpus')\n"
+        "before = scores(load_model('smollm2-135m'))\n"
+        'after = {}\n'
+        "for name, mix in (('domain only', plain), ('with chat replay', replay)):\n"
+        '    dls = lm_dataloaders(mix, tok, seq_len=256, bs=4, max_valid_blocks=8, verbose=False)\n'
+        "    learn = causal_lm_learner(dls, 'smollm2-135m')\n"
+        '    with learn.no_bar():\n'
+        '        learn.fit_one_cycle(1, 1e-4)\n'
+        '    after[name] = scores(learn.model)'
+    ),
+    md(
+        "Perplexity of the language reference (the domain) and of the chat corpus's answers, before and after "
+        'each fine-tune: without replay the answers get worse while the domain improves; with it, both improve.'
+    ),
+    code(
+        'import pandas as pd\n'
+        "table = pd.DataFrame({'before': before.perplexity, **{k: v.perplexity for k, v in after.items()}})\n"
+        'table.round(2)'
+    ),
+]
+
 NOTEBOOKS = {
     '00_quickstart': QUICKSTART,
     '01_data_gathering': DATA_GATHERING,
     '02_training': TRAINING,
     '03_lora_and_export': LORA,
     '04_long_runs': LONG_RUNS,
+    '05_chat_replay': CHAT_REPLAY,
 }
 
 
