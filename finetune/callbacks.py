@@ -22,7 +22,7 @@ from fastai.callback.core import Callback, CancelBatchException, CancelStepExcep
 from fastai.callback.progress import ProgressCallback
 
 from .distributed import all_reduce_sum
-from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, supports_head_bypass
+from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, head_is_bypassable
 from .precision import autocast
 from .splitter import find_blocks
 
@@ -62,7 +62,7 @@ class HFCausalLMCallback(Callback):
             config.use_cache = False
         fused = self.learn.fused_head and isinstance(self.learn.loss_func, CausalLMLoss)
         # a hook on the head (learn.summary's, a user's) must see its output: full logits for that fit
-        fused = fused and supports_head_bypass(self.learn.model)
+        fused = fused and head_is_bypassable(self.learn.model)
         self._bypass = head_bypass(self.learn.model) if fused else None  # found once per fit
 
     def before_batch(self):
@@ -185,7 +185,8 @@ class TrainStepCallback(Callback):
             return
         if self.procs > 1:  # one small all-reduce: the global batch's loss and token count
             n = (self.yb[0] != IGNORE_INDEX).sum()
-            both = all_reduce_sum(torch.stack([self.learn.loss.detach().float() * n, n.float()]))
+            total = torch.where(n > 0, self.learn.loss.detach().float() * n, 0.0)  # a stand-in row: nothing, not NaN
+            both = all_reduce_sum(torch.stack([total, n.float()]))
             self.learn.loss, self._global_tokens = both[0] / both[1].clamp(min=1), both[1]
         loss = self.learn.loss.detach()
         bad = ~torch.isfinite(loss)

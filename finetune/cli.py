@@ -45,12 +45,15 @@ class CorpusSpec:
     """One `[[corpus]]` table: a name, a path, and optionally a weight or a share."""
 
     name: str = _key(help='the corpus name (reports, metrics)', nonempty=True)
-    path: str = _key(help='a file, folder, glob, .jsonl/.parquet or hf:// dataset', nonempty=True)
-    weight: float | None = _key(None, 'relative weight in tokens', lo=0, above=True)
-    share: float | None = _key(None, "fraction of each epoch's tokens", lo=0, hi=1, above=True)
+    path: str = _key(help='a file, folder, glob, .jsonl/.csv/.parquet, or a saved dataset', nonempty=True)
+    weight: float | None = _key(None, 'relative weight in trained tokens (0: validated only)', lo=0)
+    share: float | None = _key(None, "fraction of each epoch's trained tokens", lo=0, hi=1)
     target: bool = _key(False, 'a target-domain corpus')
     text_field: str = _key('text', 'the text column of JSONL/Parquet/datasets', nonempty=True)
     doc_sep: str | None = _key(None, 'split files into documents at this string')
+    format: str = _key('auto', 'what the records are', choices=['auto', 'text', 'chat', 'prompt_completion'])
+    train_on: str = _key('assistant', 'chat corpora: the loss on the replies, or on every token',
+                         choices=['assistant', 'all'])  # fmt: skip
 
     def __post_init__(self):
         validate(self, f'[[corpus]] {self.name!r}: ' if isinstance(self.name, str) else '[[corpus]]: ')
@@ -227,7 +230,15 @@ def build_mix(config: TrainConfig):
     corpora = []
     for spec in config.corpus:
         corpora.append(
-            Corpus(spec.path, name=spec.name, text_field=spec.text_field, doc_sep=spec.doc_sep, target=spec.target)
+            Corpus(
+                spec.path,
+                name=spec.name,
+                text_field=spec.text_field,
+                doc_sep=spec.doc_sep,
+                target=spec.target,
+                format=spec.format,
+                train_on=spec.train_on,
+            )  # fmt: skip
         )
     weights = {s.name: s.weight for s in config.corpus if s.weight is not None}
     share = {s.name: s.share for s in config.corpus if s.share is not None}

@@ -359,11 +359,21 @@ FORMATS = ('text', 'chat', 'prompt_completion')
 
 
 def _first_record(corpus: Corpus):
-    """The first record of a corpus of records (JSONL, Parquet, datasets), or None for text files."""
+    """The first record of a corpus of records (JSONL, Parquet, saved or in-memory datasets), or None for text."""
+
+    def first_row(data):
+        if isinstance(data.column_names, dict):  # a DatasetDict
+            data = data[corpus.split] if corpus.split in data else None
+        return next(iter(data), None) if data is not None else None
+
     if corpus.dataset is not None:
-        return next(iter(corpus.dataset), None) if not isinstance(corpus.dataset.column_names, dict) else None
+        return first_row(corpus.dataset)
     for path in corpus.files:
         suffix = path.suffix.lower()
+        if _is_dataset_dir(path):
+            import datasets
+
+            return first_row(datasets.load_from_disk(str(path)))
         if suffix == '.jsonl' and path.stat().st_size:
             with open(path, encoding='utf-8', errors='replace') as f:
                 for line in f:
@@ -375,10 +385,8 @@ def _first_record(corpus: Corpus):
         elif suffix == '.parquet':
             import pyarrow.parquet as pq
 
-            names = pq.ParquetFile(path).schema_arrow.names
-            return dict.fromkeys(names)
-        return None
-    return None
+            return dict.fromkeys(pq.ParquetFile(path).schema_arrow.names)
+    return None  # text files only (or empty record files): plain text
 
 
 def _detect_format(corpus: Corpus) -> str:

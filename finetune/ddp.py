@@ -21,6 +21,9 @@ fit and the data loaders in its `DistributedDL`; this subclass differs where an 
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from fastai.distributed import DistributedTrainer
 from fastcore.basics import noop
@@ -39,6 +42,17 @@ class DDPTrainer(DistributedTrainer):
     def __init__(self, **kwargs):  # accelerate.Accelerator options (fastai's)
         init_distributed()
         kwargs.setdefault('cpu', not torch.cuda.is_available())
+        # the learner's `precision` decides autocast; accelerate's own (ACCELERATE_MIXED_PRECISION, set by
+        # `accelerate launch` from its config) would wrap model.forward for good, fp16 without a loss scaler
+        asked = os.environ.get('ACCELERATE_MIXED_PRECISION', 'no')
+        if asked not in ('no', '') and 'mixed_precision' not in kwargs:
+            warnings.warn(
+                f"accelerate's mixed precision {asked!r} is not used: finetune's precision= (causal_lm_learner's "
+                "argument, 'auto' by default) decides autocast on every process",
+                stacklevel=2,
+            )
+        kwargs.setdefault('mixed_precision', 'no')
+        kwargs.setdefault('dynamo_backend', 'no')
         super().__init__(sync_bn=False, **kwargs)
         self.ddp, self._no_sync, self.sharded = None, None, False
 

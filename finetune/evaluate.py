@@ -15,6 +15,7 @@ import torch
 from fastai.learner import Metric
 
 from .corpora import Corpus
+from .data import LMDataLoaders
 from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, supports_head_bypass
 from .models import check_seq_len, eval_mode
 from .precision import autocast, resolve_precision
@@ -126,5 +127,5 @@ def corpus_perplexity(
 
 def default_metrics(dls) -> list:
     """Overall perplexity, and each corpus's when the data has several (`dls.names`)."""
-    names = list(getattr(dls, 'names', None) or [])
+    names = list(dls.names) if isinstance(dls, LMDataLoaders) else []  # fastai's DataLoaders delegate getattr
     return [Perplexity(), *([CorpusPerplexity(i, n) for i, n in enumerate(names)] if len(names) > 1 else [])]

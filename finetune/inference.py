@@ -71,7 +71,8 @@ def results_table(learn, dl, max_n: int = 6, trunc_at: int = 200):
         row = {'corpus': names[int(rest[0][i])] if rest and names else ''}
         row['input'] = decode_rows(tok, x[i : i + 1], trunc_at)[0]
         row['target'] = decode_rows(tok, y[i : i + 1, -32:])[0]  # the last tokens: where a reader looks first
-        row['prediction'] = decode_rows(tok, preds[i : i + 1, -32:])[0]
+        guess = torch.where(y[i : i + 1, -32:] == IGNORE_INDEX, IGNORE_INDEX, preds[i : i + 1, -32:].to(y.device))
+        row['prediction'] = decode_rows(tok, guess)[0]  # at the same positions as the target
         rows.append(row)
     return pd.DataFrame(rows)
 

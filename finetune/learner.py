@@ -186,7 +186,7 @@ class CausalLMLearner(Learner):
         if metrics is not None and self._auto_metrics:
             self.metrics = default_metrics(dls)
         elif metrics is not None:
-            names = list(getattr(dls, 'names', None) or [])
+            names = list(dls.names) if isinstance(dls, LMDataLoaders) else []
             stale = [m.name for m in metrics if isinstance(m, CorpusPerplexity) and names[m.corpus : m.corpus + 1] !=
                      [m.name[4:]]]  # fmt: skip
             if stale:
@@ -498,7 +498,8 @@ class CausalLMLearner(Learner):
             quiet = self.no_bar() if rank() else nullcontext()  # one set of bars with several processes
             with scratch_folder('lr_find') as tmp, single_process(), quiet:
                 self.path, self.model_dir = tmp, 'models'
-                return super().lr_find(*args, **kwargs)
+                found = super().lr_find(*args, **kwargs)
+            return broadcast_object(found)  # several processes: process 0's suggestion, the same LR everywhere
         finally:
             self.path, self.model_dir, self.opt_steps = path, model_dir, steps  # its steps are undone too
             random.setstate(rng[0])
@@ -516,9 +517,12 @@ class CausalLMLearner(Learner):
             raise ValueError('save_checkpoint needs a run folder: pass run_dir= to causal_lm_learner')
         if self._fit_plan is None:
             raise ValueError('save_checkpoint saves a fit in progress: call it from a callback during fit_one_cycle')
-        state, weights, optimizer = learner_state(self, epoch_done)  # every process: it sums their token counts
+        mix = next((cb for cb in self.cbs if isinstance(cb, MixCallback)), None)
+        if mix is not None:
+            mix.trained()  # every process takes part in summing the token counts
         path = self.run_dir / 'checkpoints' / f'step-{self.opt_steps}'
-        if rank() == 0:  # the processes hold the same weights and optimizer state
+        if rank() == 0:  # the processes hold the same weights and optimizer state: process 0 copies and writes them
+            state, weights, optimizer = learner_state(self, epoch_done)
             save_checkpoint(path, state, weights, optimizer, keep)
         barrier()
         return path

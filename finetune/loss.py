@@ -34,6 +34,7 @@ from .packing import IGNORE_INDEX
 from .precision import autocast
 
 __all__ = [
+    'head_is_bypassable',
     'resolve_fused_head',
     'IGNORE_INDEX',
     'CausalLMLoss',
@@ -136,6 +137,11 @@ class head_bypass:
 
 
 @torch.no_grad()
+def head_is_bypassable(model: nn.Module) -> bool:
+    """The structural half of `supports_head_bypass`, with no forward pass: a plain `nn.Linear` head, no hooks."""
+    return _head_slot(model) is not None
+
+
 def supports_head_bypass(model: nn.Module) -> bool:
     """True when the model's logits are exactly `head(final hidden states)`, checked on a 3-token forward.
 

@@ -133,12 +133,15 @@ def run_quickstart(
         target = python_reference_corpus(data / 'python_reference')
         general = stdlib_docstrings_corpus(data / 'stdlib_docstrings')
         chat = stdlib_chat_corpus(data / 'stdlib_chat')
+    tok = load_tokenizer('smollm2-135m')
+    if chat_share and not getattr(tok, 'chat_template', None):  # a stand-in tokenizer (tests): no replay
+        print('this tokenizer has no chat template: no chat replay')
+        chat_share = 0
     corpora, shares = [general, target], {target.name: share}
     if chat_share:
         corpora, shares = [general, target, chat], {target.name: share, chat.name: chat_share}
     mix = CorpusMix(corpora, share=shares, epoch_tokens=steps * bs * seq_len, seed=seed)
     print('1. the corpora and the mix')
-    tok = load_tokenizer('smollm2-135m')
     dls = lm_dataloaders(
         mix, tok, seq_len=seq_len, bs=bs, valid_pct=0.05, seed=seed, cache=cache, max_valid_blocks=max_valid_blocks
     )

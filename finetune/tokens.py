@@ -106,7 +106,10 @@ class TokenStore:
         except (ValueError, KeyError, TypeError) as e:
             raise DamagedTokenStore(path, f'meta.json is unreadable or incomplete ({type(e).__name__}: {e})') from None
         for name in STORE_FILES + (('mask.bin',) if meta.get('mask') else ()):
-            file, want = path / name, files.get(name, {}).get('bytes')
+            entry = files.get(name) if isinstance(files, dict) else None
+            if not isinstance(entry, dict) or not isinstance(entry.get('bytes'), int) or 'sha256' not in entry:
+                raise DamagedTokenStore(path, f'meta.json does not record the size and checksum of {name}')
+            file, want = path / name, entry['bytes']
             if not file.is_file():
                 raise DamagedTokenStore(path, f'{name} is missing')
             if file.stat().st_size != want:
@@ -294,10 +297,11 @@ def _write_record_store(corpus, tokenizer, folder: Path) -> None:
                 raise ValueError(f'corpus {corpus.name!r}: {place}: the chat template cannot render it: {e}') from None
             if not any(mask):
                 raise ValueError(f'corpus {corpus.name!r}: {place}: no token to train on once rendered')
+            stop = int(corpus.format == 'prompt_completion')  # no template end-of-turn: the EOS teaches it to stop
             ids_out.write(np.asarray([*ids, eos], dtype=dtype).tobytes())
-            mask_out.write(np.asarray([*mask, 0], dtype=np.uint8).tobytes())
+            mask_out.write(np.asarray([*mask, stop], dtype=np.uint8).tobytes())
             n_tokens += len(ids) + 1
-            n_trained += int(sum(mask))
+            n_trained += int(sum(mask)) + stop
             offsets.append(n_tokens)
     _finish_store(folder, corpus, tokenizer, offsets, n_tokens, dtype, mask=True, n_trained=n_trained,
                   train_on=corpus.train_on, chat_format=corpus.format)  # fmt: skip

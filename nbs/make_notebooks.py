@@ -314,7 +314,7 @@ CHAT_REPLAY = [
         'more blocks for its share, since its questions carry no loss.'
     ),
     code(
-        'from finetune import CorpusMix, causal_lm_learner, corpus_perplexity, lm_dataloaders, load_model\n'
+        'from finetune import causal_lm_learner, corpus_perplexity, lm_dataloaders, load_model\n'
         'size = dict(epoch_tokens=STEPS * 4 * 256, seed=42)\n'
         "plain = CorpusMix([general, reference], share={'python_reference': 0.5}, **size)\n"
         "replay = CorpusMix([general, reference, chat], share={'python_reference': 0.5, 'stdlib_chat': 0.15}, **size)\n"
@@ -334,7 +334,10 @@ CHAT_REPLAY = [
     ),
     md(
         "Perplexity of the language reference (the domain) and of the chat corpus's answers, before and after "
-        'each fine-tune: without replay the answers get worse while the domain improves; with it, both improve.'
+        "each fine-tune. In the run stored here (60 steps), training without replay already lowered the answers' "
+        'perplexity (24.8 to 15.5: the general corpus is the same docstrings the answers quote), but replay '
+        'lowered it much further (to 9.4) while the domain improved as much (19.5 to 12.6, against 13.2). On '
+        "a general corpus unlike your model's chat data, the answers get worse without replay: measure it here."
     ),
     code(
         'import pandas as pd\n'

@@ -177,3 +177,25 @@ def test_corpus_perplexity_of_a_chat_corpus_is_on_its_replies(mixed, tmp_path, c
     store = build_token_store(corpus, tok, cache)
     blocks = PackedBlocks(store.ids, [(0, store.n_tokens)], 24, store.mask)
     assert table.tokens[0] == blocks.n_trained < len(blocks) * 24
+
+
+def test_prompt_completion_trains_the_eos_after_the_completion(tmp_path, cache):
+    tok = tiny_tokenizer()
+    path = write_chat(tmp_path / 'pc.jsonl', [{'prompt': 'the cat sat on', 'completion': ' the mat.'}] * 3)
+    corpus = Corpus(path)
+    assert corpus.format == 'prompt_completion'
+    store = build_token_store(corpus, tok, cache)
+    ends = store.offsets[1:] - 1
+    assert (store.ids[ends] == tok.eos_token_id).all() and (store.mask[ends] == 1).all()  # it learns to stop
+    assert store.n_trained == int(store.mask.sum())
+
+
+def test_a_saved_dataset_of_conversations_is_found_to_be_chat(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(conversations(4)).save_to_disk(str(tmp_path / 'saved'))
+    assert Corpus(tmp_path / 'saved').format == 'chat'
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'folder' / 'empty.jsonl').write_text('')
+    write_chat(tmp_path / 'folder' / 'qa.jsonl', conversations(2))
+    assert Corpus(tmp_path / 'folder').format == 'chat'  # decided by the first file that holds records

@@ -83,7 +83,7 @@ def test_share_for_an_unknown_corpus_in_a_config(tmp_path, corpora, no_model_loa
     config = tmp_path / 'c.toml'
     config.write_text(f'[[corpus]]\nname = "legal"\npath = "{corpora / "legal"}"\nshare = 1.5\n')
     code, _, err = run(['train', str(config)], capsys)
-    assert code == 2 and 'share = 1.5: must be a number in (0, 1]' in err
+    assert code == 2 and 'share = 1.5: must be a number in [0, 1]' in err
 
 
 def test_bad_values(tmp_path, corpora, no_model_loading, capsys):
@@ -118,7 +118,8 @@ BAD_CONFIGS = {  # a TOML config (with one good corpus unless it says otherwise)
     'corpus = "data/legal"': 'corpora are tables, one per corpus',
     '[[corpus]]\nname = "legal"\npath = "{legal}"\ndoc_sep = 5': 'doc_sep = 5: must be a string, or absent',
     '[[corpus]]\nname = "legal"\npath = "{legal}"\ntarget = "yes"': "target = 'yes': must be true or false",
-    '[[corpus]]\nname = "legal"\npath = "{legal}"\nweight = 0': 'weight = 0.0: must be a number > 0, or absent',
+    '[[corpus]]\nname = "legal"\npath = "{legal}"\nweight = -1': 'weight = -1.0: must be a number >= 0, or absent',
+    '[[corpus]]\nname = "legal"\npath = "{legal}"\nformat = "csv"': "format = 'csv': must be one of",
     '[[corpus]]\nname = ""\npath = "{legal}"': "name = '': must be a non-empty string",
     '[[corpus]]\nname = "a"\npath = "{legal}"\n[[corpus]]\nname = "a"\npath = "{legal}"': "names must differ: ['a']",
 }

@@ -37,6 +37,10 @@ DAMAGES = {
     'meta.json cut': (lambda p: (p / 'meta.json').write_text((p / 'meta.json').read_text()[:40]), 'meta.json'),
     'offsets.npy deleted': (lambda p: (p / 'offsets.npy').unlink(), 'offsets.npy is missing'),
     'offsets.npy rewritten': (lambda p: np.save(p / 'offsets.npy', np.load(p / 'offsets.npy')[::-1]), 'offsets'),
+    'checksums dropped from meta.json': (
+        lambda p: (p / 'meta.json').write_text(json.dumps({**json.loads((p / 'meta.json').read_text()), 'files': {}})),
+        'does not record the size and checksum of ids.bin',
+    ),
 }
 
 
