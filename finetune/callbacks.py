@@ -53,9 +53,10 @@ class HFCausalLMCallback(Callback):
     order = -10  # before anything that reads the batch
 
     def __init__(self):
-        self._bypass, self._config, self._use_cache = None, None, None
+        self._bypass, self._config, self._use_cache, self._detach = None, None, None, None
 
     def before_fit(self):
+        self._detach_frozen_body()
         config = getattr(self.learn.model, 'config', None)
         if self._config is None and getattr(config, 'use_cache', None) is not None:
             self._config, self._use_cache = config, config.use_cache
@@ -79,7 +80,29 @@ class HFCausalLMCallback(Callback):
             pred = HeadInput(pred, self._bypass.head, self.learn.precision)
         self.learn.pred = pred
 
+    def _detach_frozen_body(self):
+        """When no decoder block trains (a frozen phase), cut the graph at the embeddings' output.
+
+        With tied embeddings the input embedding is the head's weight, which trains, so autograd would
+        carry the backward pass through every frozen block just to add the input side's share to that
+        weight: a frozen step would cost nearly a full one. Detached, only the head's use of the
+        weight trains and the backward pass stops at the final norm.
+        """
+        model, found = self.learn.model, find_blocks(self.learn.model)
+        embed = model.get_input_embeddings() if hasattr(model, 'get_input_embeddings') else None
+        head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+        if found is None or embed is None or head is None or self._detach is not None:
+            return
+        tied = {id(p) for p in head.parameters()}
+        trains = [p for p in embed.parameters() if p.requires_grad]
+        body_trains = any(p.requires_grad for p in found[1].parameters())
+        if trains and all(id(p) in tied for p in trains) and not body_trains:  # only the head's use would train
+            self._detach = embed.register_forward_hook(lambda module, args, out: out.detach())
+
     def after_fit(self):  # idempotent: putting the head back twice is harmless
+        if self._detach is not None:
+            self._detach.remove()
+            self._detach = None
         if self._bypass is not None:
             self._bypass.__exit__(None, None, None)
             self._bypass = None

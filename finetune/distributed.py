@@ -10,6 +10,7 @@ the reductions of losses and metrics) is `ddp.DDPTrainer`.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 
@@ -59,7 +60,16 @@ def init_distributed():
     check_supported()
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # CPU: gloo; CUDA: NCCL on the local rank's GPU
+    joined = dist.is_initialized()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU: gloo; CUDA: NCCL on the local rank's GPU
+    if not joined and dist.is_initialized():
+        atexit.register(_leave)  # a process group left to static destruction can abort the process at exit
+    return state
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager

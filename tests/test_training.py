@@ -403,3 +403,25 @@ def test_no_host_sync_in_any_training_batch(dls, llama, monkeypatch):
     with learn.no_bar():
         assert not hasattr(learn, 'progress')
     assert isinstance(learn.progress, SyncFreeProgressCallback)  # fastai's no_bar would put its own back
+
+
+def test_a_frozen_step_of_a_tied_model_runs_no_backward_through_the_blocks(dls, tokenizer):
+    model = tiny_llama(len(tokenizer), tie_word_embeddings=True)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    learn = causal_lm_learner(dls, model, precision='fp32')
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0].requires_grad))
+    head = model.lm_head.weight.detach().clone()
+    learn.freeze()
+    with learn.no_bar():
+        learn.fit(1, 1e-3)
+    frozen, seen[:] = list(seen), []
+    assert not any(frozen)  # no activation of a frozen block is part of the graph: backward stops at the norm
+    assert not torch.equal(model.lm_head.weight, head)  # the tied head still trains
+    assert all(p.grad is None for p in model.model.layers.parameters())
+    learn.unfreeze()
+    with learn.no_bar():
+        learn.fit(1, 1e-3)
+    handle.remove()
+    assert any(seen)  # unfrozen, the blocks are in the graph again
+    assert not model.get_input_embeddings()._forward_hooks  # nothing left behind
