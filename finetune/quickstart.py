@@ -44,6 +44,16 @@ def python_reference_corpus(folder: Path) -> Corpus:
     return Corpus(folder, name='python_reference', target=True)
 
 
+def _parse(path: Path) -> ast.Module | None:
+    """A stdlib source file's syntax tree (None for one this Python cannot parse), without its warnings."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return ast.parse(path.read_text(encoding='utf-8', errors='replace'))
+    except (SyntaxError, ValueError):
+        return None
+
+
 def stdlib_docstrings_corpus(folder: Path, max_modules: int = 400) -> Corpus:
     """Docstrings of standard-library modules, classes and functions, parsed with `ast` (general text)."""
     stdlib = Path(sysconfig.get_paths()['stdlib'])
@@ -54,11 +64,8 @@ def stdlib_docstrings_corpus(folder: Path, max_modules: int = 400) -> Corpus:
     seen: set[str] = set()  # the same docstring in several modules would leak into validation
     for path in sources[:max_modules]:
         out = folder / (str(path.relative_to(stdlib)).replace(os.sep, '.') + '.txt')
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                tree = ast.parse(path.read_text(encoding='utf-8', errors='replace'))
-        except (SyntaxError, ValueError):
+        tree = _parse(path)
+        if tree is None:
             continue
         nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)))
         docs = []
@@ -82,13 +89,8 @@ def stdlib_chat_corpus(folder: Path, max_pairs: int = 1500) -> Corpus:
         stdlib = Path(sysconfig.get_paths()['stdlib'])
         lines, seen = [], set()
         for source in sorted(p for p in stdlib.glob('*.py') if not p.stem.startswith('_')):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter('ignore')
-                    tree = ast.parse(source.read_text(encoding='utf-8', errors='replace'))
-            except (SyntaxError, ValueError):
-                continue
-            for node in tree.body:
+            tree = _parse(source)
+            for node in tree.body if tree is not None else []:
                 if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith('_'):
                     continue
                 doc = (ast.get_docstring(node) or '').split('\n\n')[0].strip()
