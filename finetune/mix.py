@@ -19,7 +19,7 @@ import numpy as np
 from .corpora import Corpus
 from .distributed import local_main_first
 from .mix_report import mix_report
-from .packing import PackedCorpora, split_corpora
+from .packing import PackedCorpora, split_corpora, trained_ratios
 
 __all__ = [
     'CorpusMix',
@@ -191,8 +191,7 @@ def pack_corpora(
     mix = corpora if isinstance(corpora, CorpusMix) else CorpusMix(corpora)
     with local_main_first():  # several processes: each machine's first builds the token stores, the others open them
         splits = split_corpora(mix.corpora, tokenizer, seq_len, valid_pct, seed, cache)
-    ratios = [s.train.n_trained / (len(s.train) * seq_len) if len(s.train) else 1.0 for s in splits]
-    plan = plan_mix(mix, [len(s.train) for s in splits], seq_len, ratios)
+    plan = plan_mix(mix, [len(s.train) for s in splits], seq_len, trained_ratios(splits, seq_len))
     return PackedCorpora(splits, tokenizer, seq_len, mix, plan)
 
 

@@ -102,7 +102,7 @@ def mix_report(
     import pandas as pd
 
     mix, plan, seq_len = packed.mix, packed.plan, packed.seq_len
-    ratio = trained_ratios(packed)
+    ratio = packed.trained_ratios()
     epoch = max(sum(d * r for d, r in zip(plan.draws, ratio)), 1e-9)  # trained tokens per epoch, in blocks
     chat = any(s.store.mask is not None for s in packed.splits)
     rows = []
@@ -142,16 +142,11 @@ def mix_report(
     return report
 
 
-def trained_ratios(packed) -> list[float]:
-    """Per corpus, the fraction of its training tokens that carry a label (1 but for chat corpora)."""
-    return [s.train.n_trained / (len(s.train) * packed.seq_len) if len(s.train) else 1.0 for s in packed.splits]
-
-
 def diagnose(packed, checks: MixChecks) -> list[str]:
     """What is wrong with this mix, each finding with what to do about it."""
     mix, plan = packed.mix, packed.plan
     out = []
-    ratio = trained_ratios(packed)
+    ratio = packed.trained_ratios()
     epoch = max(sum(d * r for d, r in zip(plan.draws, ratio)), 1e-9)
     if getattr(packed.tokenizer, 'chat_template', None) and all(s.store.mask is None for s in packed.splits):
         out.append(

@@ -18,7 +18,7 @@ import numpy as np
 from .corpora import Corpus
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
-__all__ = ['IGNORE_INDEX', 'CorpusSplit', 'PackedCorpora', 'split_corpora', 'check_split_args']
+__all__ = ['IGNORE_INDEX', 'CorpusSplit', 'PackedCorpora', 'split_corpora', 'check_split_args', 'trained_ratios']
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no target here"
 
@@ -130,6 +130,10 @@ class PackedCorpora:
             start += n
         return list(range(self.n_train)), valid
 
+    def trained_ratios(self) -> list[float]:
+        """Per corpus, the fraction of its training tokens that carry a label (1 but for chat corpora)."""
+        return trained_ratios(self.splits, self.seq_len)
+
     def inputs(self, item: int) -> np.ndarray:
         return self.block(item)[:-1]
 
@@ -146,6 +150,11 @@ class PackedCorpora:
     def __repr__(self) -> str:
         parts = ', '.join(f'{s.name}: {len(s.train)}+{len(s.valid)}' for s in self.splits)
         return f'PackedCorpora(seq_len={self.seq_len}, train+valid blocks: {parts})'
+
+
+def trained_ratios(splits: list[CorpusSplit], seq_len: int) -> list[float]:
+    """Per corpus, the fraction of its training tokens that carry a label (1 but for chat corpora)."""
+    return [s.train.n_trained / (len(s.train) * seq_len) if len(s.train) else 1.0 for s in splits]
 
 
 def _whole(value) -> bool:

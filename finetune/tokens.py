@@ -25,7 +25,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -380,7 +380,7 @@ class PackedBlocks:
         """Block `i`'s trained-token flags (1: the loss is taken there), or None for a corpus of plain text."""
         return None if self.mask is None else self._window(self.mask, i)
 
-    @property
+    @cached_property  # a pass over the mask: once per split, however often reports ask
     def n_trained(self) -> int:
         """Tokens that are targets of some block and carry a label (the first token of the stream is no target)."""
         if self.mask is None or not self.n_blocks:
