@@ -23,6 +23,7 @@ from .mix import CorpusMix, MixSampler, pack_corpora
 from .mix_report import MixChecks, MixReport, mix_report
 from .models import load_model, load_tokenizer
 from .packing import PackedCorpora
+from .probe import share_sweep, target_data_curve
 from .runlog import plot_run
 from .tokens import PackedBlocks, TokenStore, build_token_store
 
@@ -56,4 +57,6 @@ __all__ = [
     'generate',
     'SaveCheckpoint',
     'plot_run',
+    'target_data_curve',
+    'share_sweep',
 ]

@@ -15,7 +15,7 @@ import torch
 from .learner import DEFAULT_LR, LORA_LR, CausalLMLearner
 from .lora import add_lora
 from .loss import resolve_fused_head
-from .models import check_seq_len, check_vocab, load_model, load_tokenizer
+from .models import check_seq_len, check_vocab, load_model, load_tokenizer, new_parameters
 from .precision import resolve_precision
 
 __all__ = ['causal_lm_learner']
@@ -39,6 +39,7 @@ def causal_lm_learner(
     log_every: int = 10,  # with a run_dir: a line of metrics.jsonl every this many optimizer steps
     report_to=None,  # also send the logs to 'tensorboard', 'wandb', 'mlflow' or 'trackio'
     lora=None,  # True, or a `peft.LoraConfig`: train LoRA adapters instead of all weights
+    new_params: list[str] | None = None,  # weights initialised anew (resized embeddings...); default: load_model's
     lr: float | None = None,  # default peak LR: 1e-4, or 2e-4 with LoRA
     wd: float = 0.0,  # decoupled weight decay (on matrices only, unless wd_bn_bias=True)
     opt_func=None,  # optimizer constructor taking fastai param groups; default `adamw`
@@ -74,7 +75,7 @@ def causal_lm_learner(
     if lora:
         model = add_lora(model, lora)
         only = {id(p) for p in model.parameters() if p.requires_grad}
-    return CausalLMLearner(
+    learn = CausalLMLearner(
         dls,
         model,
         tokenizer=tokenizer,
@@ -82,6 +83,7 @@ def causal_lm_learner(
         fused_head=resolve_fused_head(model, fused_head, loss_func),
         n_groups=n_groups,
         only=only,
+        new_params=[] if lora else (new_parameters(model) if new_params is None else list(new_params)),
         accum_steps=accum_steps,
         clip=clip,
         compile=compile,
@@ -100,3 +102,5 @@ def causal_lm_learner(
         wd_bn_bias=wd_bn_bias,
         **kwargs,
     )
+    learn.lr_given = lr is not None
+    return learn

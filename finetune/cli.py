@@ -70,7 +70,8 @@ class TrainConfig:
     seq_len: int = _key(512, 'tokens per training sequence', lo=1)
     bs: int = _key(8, 'sequences per batch, per process', lo=1)
     epochs: int = _key(1, 'epochs of the mix', lo=1)
-    lr: float | None = _key(None, 'peak learning rate; none: 1e-4, or 2e-4 with LoRA', lo=0, above=True)
+    lr: float | None = _key(None, "peak learning rate; none: fine_tune's 2e-4 (head group), or 2e-4 with LoRA", lo=0,
+                            above=True)  # fmt: skip
     precision: str = _key('auto', 'autocast dtype', choices=list(PRECISIONS))
     lora: bool = _key(False, 'train LoRA adapters instead of all weights')
     compile: bool = _key(False, 'torch.compile the decoder blocks')
@@ -280,11 +281,36 @@ def cmd_train(a) -> None:
         accum_steps=config.accum_steps, lr=config.lr, compile=config.compile, run_dir=out,
         checkpoint_every=config.checkpoint_every, keep=config.keep, log_every=config.log_every, report_to=report_to,
     )  # fmt: skip
-    learn.fit_one_cycle(config.epochs, resume=a.resume)
+    learn.fine_tune(config.epochs, resume=a.resume)  # every group trains, discriminative LRs (measured defaults)
     saved = learn.save_pretrained(out / 'model', overwrite=True)
     if rank() == 0:
         dls.mix_report(warn=False)  # its findings were said before training; now with the tokens trained
         print(f'saved to {saved}')
+
+
+def cmd_probe(a) -> None:
+    config = train_config(a)
+    mix = build_mix(config)
+    from .models import check_seq_len, load_model, load_tokenizer
+    from .probe import share_sweep, target_data_curve
+
+    if a.steps < 1:
+        raise ValueError(f'--steps must be at least 1, got {a.steps}')
+    check_seq_len(config.model, config.seq_len, fix='pass --seq-len (or seq_len in the config) with')
+    tok, model = load_tokenizer(config.model), load_model(config.model)
+    common = dict(steps=a.steps, seq_len=config.seq_len, bs=config.bs, lr=config.lr, precision=config.precision,
+                  lora=config.lora or None, valid_pct=config.valid_pct, seed=config.seed)  # fmt: skip
+    if a.shares:
+        result = share_sweep(mix, model, tok, shares=a.shares, tolerance=a.tolerance, **common)
+    else:
+        result = target_data_curve(mix, model, tok, fractions=a.fractions, **common)
+    print(result)
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use('Agg')
+        result.plot().figure.savefig(a.plot, dpi=120, bbox_inches='tight')
+        print(f'wrote {a.plot}')
 
 
 def cmd_plot(a) -> None:
@@ -371,23 +397,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def parser() -> argparse.ArgumentParser:
-    fmt = _Help
-    p = argparse.ArgumentParser(prog='finetune', description='Domain fine-tuning of causal LMs.', formatter_class=fmt)
-    sub = p.add_subparsers(dest='command', required=True)
-
-    q = sub.add_parser('quickstart', help="fine-tune the embedded SmolLM2-135M on Python's docs", formatter_class=fmt)
-    q.add_argument('--out', default='finetune-quickstart', help='folder for the fine-tuned model')
-    q.add_argument('--steps', type=int, default=80, help='optimizer steps')
-    q.add_argument('--seq-len', dest='seq_len', type=int, default=256)
-    q.add_argument('--bs', type=int, default=4)
-    q.add_argument('--lr', type=float, default=1e-4)
-    q.add_argument('--precision', choices=PRECISIONS, default='auto')
-    q.set_defaults(func=cmd_quickstart)
-
-    t = sub.add_parser('train', help='train on corpora from flags or a TOML config',
-                       description='Flags override the config file; the README lists every key.')  # fmt: skip
-    t.add_argument('config', nargs='?', help='a TOML file with these keys and [[corpus]] tables')
+def _config_args(t) -> None:
+    """The corpus flags and one flag per config key (train and probe read the same config)."""
     t.add_argument('--corpus', action='append', metavar='NAME=PATH', help='a corpus (repeat for several)')
     t.add_argument('--weight', action='append', metavar='NAME=W', help='relative weight in tokens')
     t.add_argument('--share', action='append', metavar='NAME=S', help="fraction of each epoch's tokens")
@@ -403,9 +414,43 @@ def parser() -> argparse.ArgumentParser:
             t.add_argument(flag, dest=f.name, action='store_true', default=None, help=help)
         else:
             t.add_argument(flag, dest=f.name, type=kind, choices=f.metadata['choices'], help=help)
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = _Help
+    p = argparse.ArgumentParser(prog='finetune', description='Domain fine-tuning of causal LMs.', formatter_class=fmt)
+    sub = p.add_subparsers(dest='command', required=True)
+
+    q = sub.add_parser('quickstart', help="fine-tune the embedded SmolLM2-135M on Python's docs", formatter_class=fmt)
+    q.add_argument('--out', default='finetune-quickstart', help='folder for the fine-tuned model')
+    q.add_argument('--steps', type=int, default=80, help='optimizer steps')
+    q.add_argument('--seq-len', dest='seq_len', type=int, default=256)
+    q.add_argument('--bs', type=int, default=4)
+    q.add_argument('--lr', type=float, help="fine_tune's peak LR (default: its own, 2e-4)")
+    q.add_argument('--precision', choices=PRECISIONS, default='auto')
+    q.set_defaults(func=cmd_quickstart)
+
+    t = sub.add_parser('train', help='train on corpora from flags or a TOML config',
+                       description='Flags override the config file; the README lists every key.')  # fmt: skip
+    t.add_argument('config', nargs='?', help='a TOML file with these keys and [[corpus]] tables')
+    _config_args(t)
     t.add_argument('--resume', nargs='?', const='latest', metavar='CHECKPOINT',
                    help="continue the run in --out from its latest checkpoint (or the one named)")  # fmt: skip
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser('probe', help='would more target text help? which target share? short measured runs',
+                        description='Reads the same config and flags as train (model, corpora, seq_len, bs, lr, '
+                        'precision, lora, seed); the corpus marked target is probed.')  # fmt: skip
+    pr.add_argument('config', nargs='?', help='a TOML file, as for train')
+    _config_args(pr)
+    pr.add_argument('--shares', nargs='+', type=float, metavar='S',
+                    help='run a share sweep at these target shares instead of the data curve')  # fmt: skip
+    pr.add_argument('--fractions', nargs='+', type=float, default=[0.125, 0.25, 0.5, 1.0], metavar='F',
+                    help="fractions of the target's training documents (the data curve)")  # fmt: skip
+    pr.add_argument('--steps', type=int, default=40, help='optimizer steps of every run')
+    pr.add_argument('--tolerance', type=float, default=0.05, help='share sweep: how much worse the others may get')
+    pr.add_argument('--plot', metavar='PNG', help='also write the plot here')
+    pr.set_defaults(func=cmd_probe)
 
     pl = sub.add_parser('plot', help="a run's loss, learning-rate and perplexity curves, as a PNG", formatter_class=fmt)
     pl.add_argument('run', help='a run folder (with metrics.jsonl)')

@@ -29,14 +29,15 @@ class MixChecks:
     min_valid_blocks: int = 8  # fewer validation blocks than this give a noisy perplexity
     max_doc_share: float = 0.5  # one document holding more of a corpus's tokens than this dominates it
     max_bad_rate: float = 0.001  # unknown tokens plus replaced characters per token
+    min_target_tokens: int = 100_000  # a target corpus with fewer training tokens is small: probe it
 
     def __post_init__(self):
         for name in ('min_target_share', 'max_doc_share', 'max_bad_rate'):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f'{name} is a fraction between 0 and 1, got {v}')
-        if self.max_repeats <= 0 or self.min_valid_blocks < 0:
-            raise ValueError('max_repeats must be positive and min_valid_blocks at least 0')
+        if self.max_repeats <= 0 or self.min_valid_blocks < 0 or self.min_target_tokens < 0:
+            raise ValueError('max_repeats must be positive, min_valid_blocks and min_target_tokens at least 0')
 
 
 @dataclass
@@ -166,8 +167,17 @@ def diagnose(packed, checks: MixChecks) -> list[str]:
             names = [plan.names[i] for i in targets]
             out.append(
                 f'the target domain {names} supplies {share:.1%} of training tokens, less than '
-                f'{checks.min_target_share:.0%}: give it a share (share={{{names[0]!r}: 0.3}}) or a larger weight'
+                f'{checks.min_target_share:.0%}: give it a share (share={{{names[0]!r}: 0.3}}) or a larger weight; '
+                f'finetune.probe.share_sweep measures which share learns the domain without losing the rest'
             )
+        for i in targets:
+            n = packed.splits[i].train.n_trained
+            if n < checks.min_target_tokens:
+                out.append(
+                    f'target corpus {plan.names[i]!r} has {n:,} training tokens, fewer than '
+                    f'{checks.min_target_tokens:,}: run finetune.probe.target_data_curve to see whether more target '
+                    'text would help before training on it'
+                )
     for name, r in zip(plan.names, plan.repeats):
         if r > checks.max_repeats:
             out.append(

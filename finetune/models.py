@@ -31,8 +31,10 @@ __all__ = [
     'source_context_length',
     'check_vocab',
     'check_seq_len',
+    'new_parameters',
 ]
 
+NEW_PARAMS_ATTR = '_finetune_new_params'  # set on a model by `load_model`
 ZOO_MARKER = 'finetune-zoo.json'  # written last into a converted embedded model's folder
 
 
@@ -111,12 +113,24 @@ def load_model(
     _check_local(source)
     if _is_gguf(source):
         return _load_gguf(Path(source).expanduser(), dtype)
+    kwargs.pop('output_loading_info', None)  # always asked for: it names the newly initialised weights
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
         )
     except OSError as e:
         raise _offline_hint(source, e) from e
+    tied = _tied_keys(model) if getattr(model.config, 'tie_word_embeddings', False) else set()
+    params = dict(model.named_parameters(remove_duplicate=False))  # a missing buffer is recomputed, not trained
+    new = sorted(k for k in set(info.get('missing_keys', ())) - tied if k in params)
+    if new:
+        setattr(model, NEW_PARAMS_ATTR, new)
+    return model
+
+
+def new_parameters(model) -> list[str]:
+    """Names of the weights `load_model` found missing from the checkpoint and initialised anew (a new LM head)."""
+    return list(getattr(model, NEW_PARAMS_ATTR, []))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

@@ -112,7 +112,7 @@ def run_quickstart(
     steps: int = 80,  # optimizer steps of bs x seq_len tokens
     seq_len: int = 256,
     bs: int = 4,
-    lr: float = 1e-4,
+    lr: float | None = None,  # fine_tune's peak LR; default: its measured default
     share: float = 0.5,  # the target domain's share of training tokens
     chat_share: float = 0.1,  # the chat replay's share (0: none; the model then drifts from answering questions)
     precision: str = 'auto',
@@ -153,7 +153,7 @@ def run_quickstart(
     before = dict(zip(['all', *names], learn.validate()[1:]))
     text_before = learn.generate(PROMPT, max_new_tokens=40)
     print('\n3. training')
-    learn.fit_one_cycle(1, lr)
+    learn.fine_tune(1, lr)
     after = dict(zip(['all', *names], learn.validate()[1:]))
     text_after = learn.generate(PROMPT, max_new_tokens=40)
     print('\n4. what changed')

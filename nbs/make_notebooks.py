@@ -75,7 +75,7 @@ QUICKSTART = [
         'text_before = learn.generate(prompt, max_new_tokens=30)\n'
         'before'
     ),
-    code('learn.fit_one_cycle(1, 1e-4)'),
+    code('learn.fine_tune(1)   # every group trains; the head group peaks at 2e-4, the blocks below it'),
     md('## 5. Evaluate, generate, save'),
     code(
         'import matplotlib.pyplot as plt\n'
@@ -165,10 +165,13 @@ TRAINING = [
     md('## `lr_find`\nIt leaves the weights, optimizer, RNG and data order exactly as they were.'),
     code('learn.lr_find(num_it=max(10, STEPS // 2))'),
     md(
-        '## `fine_tune`\nOne frozen epoch (only the head group trains), then every group with discriminative '
-        'LRs spread over `lr_mult=10`.'
+        "## `fine_tune`\n`lr_find`'s valley moves with the batches it sees (1.2e-4 and 2.9e-4 in two runs of "
+        '`bench/fine_tune_defaults.py` on these corpora, where 3e-4 trained better than 1.2e-4), so `fine_tune` '
+        'without an LR uses its measured default: the head group peaks at 2e-4 and the blocks are spread below it '
+        'over `lr_mult=3`. There is no frozen phase: the head is pretrained, so freezing the body would protect '
+        'nothing (it runs only when weights were initialised anew, `learn.new_params`).'
     ),
-    code('learn.fine_tune(1, 1e-4)'),
+    code('learn.fine_tune(1)'),
     code('learn.groups()[["name", "trainable", "lr"]]'),
     code('learn.recorder.plot_loss()'),
     md(
@@ -346,6 +349,60 @@ CHAT_REPLAY = [
     ),
 ]
 
+HOW_MUCH_DATA = [
+    md(
+        '# 06 · How much target data is enough?\n\n'
+        "The mix report warns when the target domain's share is low or its corpus is small; it cannot say "
+        'whether gathering more target text would pay off, or which share to train at. Short measured runs can. '
+        "`target_data_curve` trains the same short run on nested fractions of the target corpus's documents "
+        '(from the same starting weights; the other corpora, the share and every validation set unchanged) and '
+        "fits the target's loss against its training tokens with a power law. `share_sweep` trains at several "
+        'target shares and fits the trade-off between the target and the general corpus.'
+    ),
+    SETUP,
+    CORPORA,
+    code(
+        'from finetune import Corpus, load_model, load_tokenizer\n'
+        'from finetune.probe import share_sweep, target_data_curve\n'
+        "tok, model = load_tokenizer('smollm2-135m'), load_model('smollm2-135m')\n"
+        'import shutil\n'
+        '# the target as if only a sixth of the reference had been gathered: every 6th topic, in paragraphs\n'
+        "small = data / 'reference_sixth'\n"
+        'small.mkdir(exist_ok=True)\n'
+        "for path in sorted((data / 'python_reference').glob('*.txt'))[::6]:\n"
+        '    shutil.copy(path, small / path.name)\n'
+        "target = Corpus(small, name='reference', target=True, doc_sep='\\n\\n')  # a paragraph is a document\n"
+        "mix = CorpusMix([general, target], share={'reference': 0.5})\n"
+        'FULL = STEPS >= 60  # CI runs 2 steps per run\n'
+        'size = dict(seq_len=256, bs=4, max_valid_blocks=8)'
+    ),
+    md(
+        '## Would more of the language reference help?\n'
+        "Four runs, on 1/8, 1/4, 1/2 and all of the target's training documents, each as long as one pass over "
+        "all of them (the default `steps`). The table shows each run's target tokens, how often the sampler "
+        "repeats them per epoch, and each corpus's perplexity."
+    ),
+    code('curve = target_data_curve(mix, model, tok, steps=None if FULL else 2, **size)\ncurve.show()'),
+    code('curve.plot();'),
+    md(
+        'The verdict extrapolates the fitted curve `loss = E + A * D^-alpha` to 2x and 10x the target tokens. '
+        'Read it with the table: a curve fitted to four short runs is a direction, not a promise; when the '
+        'points do not follow a power law the verdict says so instead of extrapolating.'
+    ),
+    md(
+        '## Which share of the training tokens should the domain get?\n'
+        'Four runs of 16 steps at target shares 0.2 to 0.8. The recommendation is the share with the lowest predicted target '
+        'perplexity whose general perplexity stays within +5% of the untrained model (`tolerance=`), '
+        'interpolated between the measured shares with the data mixing law of Ye et al. (2024): each '
+        "corpus's loss as `c + k * exp(t * share)`."
+    ),
+    code(
+        'sweep = share_sweep(mix, model, tok, shares=(0.2, 0.4, 0.6, 0.8), steps=16 if FULL else 2, **size)\n'
+        'sweep.show()'
+    ),
+    code('sweep.plot();'),
+]
+
 NOTEBOOKS = {
     '00_quickstart': QUICKSTART,
     '01_data_gathering': DATA_GATHERING,
@@ -353,6 +410,7 @@ NOTEBOOKS = {
     '03_lora_and_export': LORA,
     '04_long_runs': LONG_RUNS,
     '05_chat_replay': CHAT_REPLAY,
+    '06_how_much_data': HOW_MUCH_DATA,
 }
 
 

@@ -272,3 +272,18 @@ def test_killed_while_saving_the_latest_complete_checkpoint_loads_and_resumes(tm
     with learn.no_bar():
         learn.fit_one_cycle(50, 1e-3, resume='latest')
     assert learn.opt_steps > step and learn.epoch == 49
+
+
+def test_resuming_fine_tune_in_a_phase_this_call_lacks_is_refused(two, tokenizer, tmp_path):
+    learn = causal_lm_learner(two, tiny_llama(len(tokenizer), num_hidden_layers=4), precision='fp32', n_groups=2,
+                              run_dir=tmp_path / 'run', checkpoint_every=2)  # fmt: skip
+    with learn.no_bar():
+        learn.fine_tune(1, 1e-3, freeze_epochs=1)  # the frozen phase asked for: phase 0, then phase 1
+    frozen = [
+        p for p in checkpoints_in(tmp_path / 'run' / 'checkpoints') if read_checkpoint(p).state['fit']['phase'] == 0
+    ]
+    assert frozen
+    with pytest.raises(
+        ValueError, match=r'saved in phase 0 of a fine_tune that this call does not have \(its phases: \[1\]\)'
+    ):
+        learn.fine_tune(1, 1e-3, resume=frozen[0])  # no new weights: this call has no frozen phase

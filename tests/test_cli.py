@@ -163,7 +163,7 @@ def test_the_readme_lists_every_config_key_with_its_values():
     assert cli.config_reference() in readme
 
 
-@pytest.mark.parametrize('command', ['quickstart', 'train', 'eval', 'generate'])
+@pytest.mark.parametrize('command', ['quickstart', 'train', 'eval', 'generate', 'probe'])
 def test_help_shows_defaults(command):
     out = subprocess.run([sys.executable, '-m', 'finetune.cli', command, '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'usage: finetune' in out.stdout
@@ -288,3 +288,19 @@ def test_eval_refuses_a_seq_len_beyond_the_models_context(tiny_model_dir, corpor
     argv = ['eval', str(tiny_model_dir), '--corpus', f'legal={corpora / "legal"}', '--seq-len', '1024']
     code, _, err = run(argv, capsys)
     assert code == 2 and 'seq_len=1024 is longer than the context window' in err and '(512 positions)' in err
+
+
+def test_probe_runs_the_data_curve_and_the_share_sweep(tmp_path, corpora, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    flags = ['--model', str(tiny_model_dir), '--corpus', f'general={corpora / "general"}', '--corpus',
+             f'legal={corpora / "legal"}', '--target', 'legal', '--seq-len', '16', '--bs', '4', '--precision', 'fp32',
+             '--steps', '2']  # fmt: skip
+    code, out, err = run(['probe', *flags, '--fractions', '0.5', '1', '--plot', str(tmp_path / 'curve.png')], capsys)
+    assert code == 0, err
+    assert 'target_data_curve: 2 runs x 2 steps x 4 x 16 tokens' in out and 'ppl legal' in out
+    assert (tmp_path / 'curve.png').stat().st_size > 0
+    code, out, err = run(['probe', *flags, '--shares', '0.3', '0.5', '0.7'], capsys)
+    assert code == 0, err
+    assert 'share_sweep: 3 runs' in out and ('train at share' in out or 'no share between' in out)
+    code, out, err = run(['probe', *flags, '--shares', '0.3', '1.5'], capsys)
+    assert code == 2 and 'shares must be in (0, 1]' in err

@@ -219,7 +219,15 @@ def findings(packed, **checks):
 def test_healthy_mix_is_silent(two, tokenizer, cache):
     general, legal = two
     packed = pack_corpora(CorpusMix([general, legal], share={'legal': 0.3}), tokenizer, seq_len=8, cache=cache)
-    assert findings(packed) == []
+    assert findings(packed, min_target_tokens=0) == []  # a tiny test corpus is small by any measure
+
+
+def test_a_small_target_corpus_points_to_the_probe(two, tokenizer, cache):
+    packed = pack_corpora(CorpusMix(list(two), share={'legal': 0.3}), tokenizer, seq_len=8, cache=cache)
+    n = packed.splits[1].train.n_trained
+    msgs = findings(packed, min_target_tokens=n + 1)
+    assert any(f"target corpus 'legal' has {n:,} training tokens" in m and 'target_data_curve' in m for m in msgs)
+    assert not any('target_data_curve' in m for m in findings(packed, min_target_tokens=n))
 
 
 def test_no_target_marked(two, tokenizer, cache):

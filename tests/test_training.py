@@ -137,6 +137,46 @@ def test_fine_tune_runs_both_phases_with_the_lrs_it_reports(dls, tokenizer, caps
     assert 'LRs from 5e-05 to 0.0005' in out
 
 
+def test_fine_tune_without_new_weights_trains_every_group_from_the_first_step(dls, tokenizer, capsys):
+    learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, cbs=[RecordLRs()])
+    assert learn.new_params == []  # a model object: nothing is known to be new
+    learn.fine_tune(1)
+    (fit,) = learn._fits  # no frozen phase: the LM head is pretrained, there is nothing to protect the body from
+    assert all(all(f) for f in fit['trains'])
+    # the measured defaults: the head group peaks at 2e-4, the first group at 2e-4 / 3, not halved
+    assert np.allclose(fit['lr'], [2e-4 / 3, 2e-4 / 3**0.5, 2e-4], rtol=1e-2)
+    assert 'every group trains: 1 epoch(s), LRs from 6.7e-05 to 0.0002' in capsys.readouterr().out
+    given = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, lr=1e-3, cbs=[RecordLRs()])
+    given.fine_tune(1, lr_mult=10)
+    assert np.allclose(given._fits[0]['lr'], [1e-4, 1e-4 * 10**0.5, 1e-3], rtol=1e-2)  # the learner's lr, as asked
+
+
+def test_a_head_missing_from_the_checkpoint_gets_a_frozen_phase(dls, tokenizer, tmp_path, capsys):
+    base = tiny_llama(len(tokenizer), num_hidden_layers=4, tie_word_embeddings=False)
+    base.model.save_pretrained(tmp_path)  # the body alone, as a base model without an LM head is published
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = causal_lm_learner(dls, tmp_path, n_groups=2, cbs=[RecordLRs()])
+    assert learn.new_params == ['lm_head.weight']
+    learn.fine_tune(1, base_lr=1e-3)
+    frozen, unfrozen = learn._fits
+    assert [any(f) for f in frozen['trains']] == [False, False, False, True]  # embeddings | 2 block groups | head
+    assert all(all(f) for f in unfrozen['trains'])
+    assert "new weights ['lm_head.weight']" in capsys.readouterr().out
+
+
+def test_new_weights_outside_the_head_group_train_in_the_frozen_phase(dls, tokenizer):
+    model = tiny_llama(len(tokenizer), num_hidden_layers=4, tie_word_embeddings=False)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    block = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    learn = causal_lm_learner(dls, model, n_groups=2, new_params=['model.embed_tokens.weight'])
+    learn.fine_tune(0, base_lr=1e-3)  # the frozen phase alone
+    assert not torch.equal(model.model.embed_tokens.weight, embed)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, block)
+    with pytest.raises(ValueError, match=r"new_params names \['model.embed'\], which are not parameters"):
+        causal_lm_learner(dls, tiny_llama(len(tokenizer)), new_params=['model.embed'])
+
+
 def test_gradual_unfreezing_adds_one_group_per_epoch(dls, tokenizer):
     learn = causal_lm_learner(dls, four_layer_llama(tokenizer), n_groups=2, cbs=[RecordLRs()])
     learn.fine_tune(1, base_lr=1e-3, gradual=True)
