@@ -294,16 +294,16 @@ def cmd_probe(a) -> None:
     from .models import check_seq_len, load_model, load_tokenizer
     from .probe import share_sweep, target_data_curve
 
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         raise ValueError(f'--steps must be at least 1, got {a.steps}')
     check_seq_len(config.model, config.seq_len, fix='pass --seq-len (or seq_len in the config) with')
     tok, model = load_tokenizer(config.model), load_model(config.model)
-    common = dict(steps=a.steps, seq_len=config.seq_len, bs=config.bs, lr=config.lr, precision=config.precision,
+    common = dict(seq_len=config.seq_len, bs=config.bs, lr=config.lr, precision=config.precision,
                   lora=config.lora or None, valid_pct=config.valid_pct, seed=config.seed)  # fmt: skip
     if a.shares:
-        result = share_sweep(mix, model, tok, shares=a.shares, tolerance=a.tolerance, **common)
+        result = share_sweep(mix, model, tok, shares=a.shares, tolerance=a.tolerance, steps=a.steps or 40, **common)
     else:
-        result = target_data_curve(mix, model, tok, fractions=a.fractions, **common)
+        result = target_data_curve(mix, model, tok, fractions=a.fractions, steps=a.steps, **common)
     print(result)
     if a.plot:
         import matplotlib
@@ -447,7 +447,8 @@ def parser() -> argparse.ArgumentParser:
                     help='run a share sweep at these target shares instead of the data curve')  # fmt: skip
     pr.add_argument('--fractions', nargs='+', type=float, default=[0.125, 0.25, 0.5, 1.0], metavar='F',
                     help="fractions of the target's training documents (the data curve)")  # fmt: skip
-    pr.add_argument('--steps', type=int, default=40, help='optimizer steps of every run')
+    pr.add_argument('--steps', type=int,
+                    help='steps of every run (default: one pass over the target; 40 for a sweep)')  # fmt: skip
     pr.add_argument('--tolerance', type=float, default=0.05, help='share sweep: how much worse the others may get')
     pr.add_argument('--plot', metavar='PNG', help='also write the plot here')
     pr.set_defaults(func=cmd_probe)

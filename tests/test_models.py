@@ -90,9 +90,10 @@ def test_trust_remote_code_stays_off(tmp_path, monkeypatch):
     seen = {}
     import transformers
 
-    def fake(source, **kwargs):
+    def fake(source, **kwargs):  # as transformers' from_pretrained answers
         seen.update(kwargs)
-        return tiny_llama(16)
+        model = tiny_llama(16)
+        return (model, {'missing_keys': [], 'unexpected_keys': []}) if kwargs.get('output_loading_info') else model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, 'from_pretrained', fake)
     load_model('some-org/some-model')
