@@ -32,7 +32,7 @@ def fine_tune_phases(
     **kwargs,
 ):
     """The phases of `CausalLMLearner.fine_tune` (documented there), each a `fit_one_cycle`."""
-    if base_lr is None:  # measured: the head group at 2e-4 with the blocks spread below it beats one 1e-4 everywhere
+    if base_lr is None:  # the head group at 2e-4, the blocks spread below it: see bench/fine_tune_defaults.py
         base_lr = learn.lr if learn.lr_given or learn.only is not None else FINE_TUNE_LR
     groups = learn.layer_groups()
     n = len(groups)
