@@ -190,9 +190,7 @@ class _Runs:
             def after_step(self):
                 self._n += 1
                 if runs.step_time is None and self._n == 4:  # timed from the end of the first step (warm-up)
-                    runs.step_time = (time.perf_counter() - self._t0) / 3
-                    left = runs.step_time * runs.steps * runs.n_runs
-                    print(f'measured {runs.step_time:.2f} s a step: about {left / 60:.1f} minutes of training in all')
+                    runs.measured((time.perf_counter() - self._t0) / 3)
 
             def before_train(self):
                 self._n = 0
@@ -203,9 +201,7 @@ class _Runs:
 
             def after_train(self):
                 if runs.step_time is None and self._n >= 2:  # a run shorter than 4 steps: what it measured
-                    runs.step_time = (time.perf_counter() - self._t0) / (self._n - 1)
-                    left = runs.step_time * runs.steps * runs.n_runs
-                    print(f'measured {runs.step_time:.2f} s a step: about {left / 60:.1f} minutes of training in all')
+                    runs.measured((time.perf_counter() - self._t0) / (self._n - 1))
 
         learn = causal_lm_learner(
             dls, model, tokenizer=self.tokenizer, precision=self.precision, lora=self.lora or None, lr=self.lr,
@@ -221,6 +217,11 @@ class _Runs:
         del learn, model
         gc.collect()
         return {n: float(v) for n, v in out.items()}
+
+    def measured(self, step_time: float) -> None:
+        self.step_time = step_time
+        left = step_time * self.steps * self.n_runs
+        print(f'measured {step_time:.2f} s a step: about {left / 60:.1f} minutes of training in all')
 
     def bar(self, n: int):
         from fastprogress.fastprogress import progress_bar
