@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from common import reference_dls, step_timer
+from common import cpu_name, reference_dls, step_timer
 
 SEQ_LEN, BS = 256, 4
-
-
-def cpu_name() -> str:
-    for line in Path('/proc/cpuinfo').read_text().splitlines() if Path('/proc/cpuinfo').exists() else []:
-        if line.startswith('model name'):
-            return line.split(':', 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main():

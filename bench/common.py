@@ -1,14 +1,53 @@
-"""What the benchmark scripts share: the training corpus, the plain loop, a step timer, peak RSS and child processes."""
+"""What the benchmark scripts share: the machine report, the training corpus, the plain loop, a step timer, peak RSS and
+child processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'neon', 'asimd', 'bf16')  # what bf16 speed hangs on
+
+
+def cpu_name() -> str:
+    for line in Path('/proc/cpuinfo').read_text().splitlines() if Path('/proc/cpuinfo').exists() else []:
+        if line.startswith('model name'):
+            return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(peaks: bool = True) -> dict:
+    """Print the CPU (model, cores, torch threads, the flags that matter) and its measured matmul peaks.
+
+    The peaks are the best FLOP/s of a 1024 x 1024 matmul in fp32 and in bf16 with torch's threads:
+    the ceilings MFU is divided by, measured in the same run as the figures they divide.
+    """
+    import torch
+
+    from finetune.precision import _flags, cpu_has_native_bf16, matmul_flops
+
+    flags = [f for f in FLAGS if f' {f} ' in _flags()]
+    out = {'cpu': cpu_name(), 'cores': os.cpu_count(), 'threads': torch.get_num_threads(), 'flags': flags,
+           'native_bf16': cpu_has_native_bf16()}  # fmt: skip
+    if peaks:
+        out['peak'] = {'fp32': matmul_flops(torch.float32, 1024, 1.0), 'bf16': matmul_flops(torch.bfloat16, 1024, 1.0)}
+    say = f'CPU: {out["cpu"]}, {out["cores"]} cores, {out["threads"]} torch threads; flags: {" ".join(flags) or "none"}'
+    if peaks:
+        say += '; measured matmul peak: ' + ', '.join(f'{k} {v / 1e9:,.0f} GFLOP/s' for k, v in out['peak'].items())
+    print(say)
+    return out
+
+
+def peak_of(report: dict, precision: str) -> float:
+    """The measured matmul peak a precision's MFU divides by (bf16 for every bf16 variant)."""
+    return report['peak']['fp32' if precision == 'fp32' else 'bf16']
 
 
 def reference_dls(steps: int, seq_len: int, bs: int, **kwargs):
@@ -54,8 +93,10 @@ def plain_loop(model, batches, precision: str, lr: float):
 
     from finetune.precision import autocast
 
+    if precision == 'bf16-true':
+        model.to(torch.bfloat16)  # the whole model: weights, gradients and optimizer state
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    dtype = torch.bfloat16 if precision == 'bf16' else None
+    dtype = torch.bfloat16 if precision in ('bf16', 'bf16-autocast') else None  # autocast
     model.train()
 
     def run(steps: int) -> list[list[float]]:

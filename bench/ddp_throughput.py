@@ -22,8 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from checkpoint_cost import cpu_name
-from common import reference_dls, step_timer
+from common import cpu_name, reference_dls, step_timer
 
 SEQ_LEN, GLOBAL_BS = 256, 8
 

@@ -14,8 +14,7 @@ import argparse
 import statistics
 import warnings
 
-from checkpoint_cost import cpu_name
-from common import reference_dls, step_timer
+from common import cpu_name, reference_dls, step_timer
 
 SEQ_LEN, BS = 256, 4
 

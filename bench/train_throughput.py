@@ -1,15 +1,18 @@
 """Training throughput (BENCH.md workload 1): finetune's Learner vs a plain PyTorch loop vs the HF Trainer.
 
 SmolLM2-135M (the embedded default), seq_len 256, batch 4, AdamW, the same token blocks for every
-side. The three sides run in one process, alternating (A B C C B A ...), each for `--steps` steps
-per round; a step's time is the wall time between consecutive optimizer-step ends (data loading,
+side. Every side runs in one process, alternating (A B C C B A ...), each for `--steps` steps per
+round; a step's time is the wall time between consecutive optimizer-step ends (data loading,
 forward, backward, step and callbacks included). The first round warms up and is not counted.
-Medians over the counted steps; MFU = 6 x parameters x tokens/s / peak FLOP/s of the precision.
+Each side is named with its precision: the Learner at every precision it offers; the plain loop
+and the HF Trainer with bf16 autocast (what `bf16=True` means for the Trainer) and in bf16 end to
+end (the model cast to bf16). Medians over the counted steps; MFU = 6 x parameters x tokens/s /
+the matmul peak of that precision measured at the start of the same run (fp32 or bf16).
 Peak RSS comes from running each side alone in a child process (`--rss-only SIDE`).
 
-    python bench/train_throughput.py                  # bf16 autocast on CPU
-    python bench/train_throughput.py --precision fp32
-    python bench/train_throughput.py --variants       # plus each fast path switched off / on
+    python bench/train_throughput.py                       # the precisions 'auto' chooses among here
+    python bench/train_throughput.py --precisions fp32     # e.g. on a CPU without bf16
+    python bench/train_throughput.py --variants            # plus each fast path switched off / on
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import time
 import warnings
 
 import torch
-from common import peak_rss_gib, plain_loop, reference_dls, run_child, step_timer
+from common import machine, peak_of, peak_rss_gib, plain_loop, reference_dls, run_child, step_timer
 
 SEQ_LEN, BS = 256, 4
-PEAK_FLOPS = {'bf16': 900e9, 'fp32': 200e9}  # 2-core CPU peak matmul, BENCH.md
 
 
 def data(steps: int):
@@ -65,7 +67,11 @@ def plain_side(model, batches, precision):
 
 
 def trainer_side(model, batches, precision):
+    """The HF Trainer: `bf16=True` for 'bf16-autocast', the model cast to bf16 for 'bf16-true'."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    if precision == 'bf16-true':
+        model.to(torch.bfloat16)
 
     data = [{'input_ids': x, 'labels': x} for x in batches.view(-1, SEQ_LEN)]
     out = tempfile.mkdtemp()
@@ -85,7 +91,7 @@ def trainer_side(model, batches, precision):
     def run(steps):
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BS, max_steps=steps, learning_rate=1e-4,
-            bf16=precision == 'bf16', use_cpu=True, report_to=[], save_strategy='no', logging_strategy='no',
+            bf16=precision == 'bf16-autocast', use_cpu=True, report_to=[], save_strategy='no', logging_strategy='no',
             disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
         )  # fmt: skip
         Trainer(model=model, args=args, train_dataset=data[: steps * BS], callbacks=[timer]).train()
@@ -94,14 +100,40 @@ def trainer_side(model, batches, precision):
     return run
 
 
-SIDES = {  # name: (how it is built, in the default table)
-    'finetune Learner': (lambda m, dls, b, p: finetune_side(m, dls, p), True),
-    'plain PyTorch loop': (lambda m, dls, b, p: plain_side(m, b, p), True),
-    'HF Trainer': (lambda m, dls, b, p: trainer_side(m, b, p), True),
-    'finetune, fused_head=False': (lambda m, dls, b, p: finetune_side(m, dls, p, fused_head=False), False),
-    'finetune, foreach AdamW': (lambda m, dls, b, p: finetune_side(m, dls, p, opt_func=foreach_adamw), False),
-    'finetune, compile=True': (lambda m, dls, b, p: finetune_side(m, dls, p, compile=True), False),
-}
+def sides_for(precisions: list[str], variants: bool) -> dict:
+    """name: (tool, precision, how it is built); the Learner at each precision, the others at what they offer."""
+    out = {}
+    for prec in precisions:
+        out[f'finetune Learner, {prec}'] = ('finetune', prec, lambda m, dls, b, p: finetune_side(m, dls, p))
+    others = [p for p in precisions if p != 'bf16']  # the others have no fp32-master bf16: autocast and true
+    for prec in others:
+        out[f'plain PyTorch loop, {prec}'] = ('plain', prec, lambda m, dls, b, p: plain_side(m, b, p))
+    for prec in others:
+        out[f'HF Trainer, {prec}'] = ('trainer', prec, lambda m, dls, b, p: trainer_side(m, b, p))
+    if variants:
+        prec = precisions[0]
+        out[f'finetune, fused_head=False, {prec}'] = (
+            'variant',
+            prec,
+            lambda m, dls, b, p: finetune_side(m, dls, p, fused_head=False),
+        )
+        out[f'finetune, foreach AdamW, {prec}'] = (
+            'variant',
+            prec,
+            lambda m, dls, b, p: finetune_side(m, dls, p, opt_func=foreach_adamw),
+        )
+        out[f'finetune, compile=True, {prec}'] = (
+            'variant',
+            prec,
+            lambda m, dls, b, p: finetune_side(m, dls, p, compile=True),
+        )
+    return out  # fmt: skip
+
+
+def default_precisions() -> list[str]:
+    from finetune.precision import cpu_has_native_bf16
+
+    return ['bf16', 'bf16-autocast', 'bf16-true'] if cpu_has_native_bf16() else ['fp32']
 
 
 def foreach_adamw(params, **kwargs):
@@ -110,23 +142,25 @@ def foreach_adamw(params, **kwargs):
     return adamw(params, fused=False, **kwargs)
 
 
-def make_sides(precision, steps, names):
+def make_sides(table: dict, steps: int, names: list[str]):
     from finetune import load_model
 
     dls, tok, batches = data(steps)
     base = load_model('smollm2-135m')
-    sides = {name: SIDES[name][0](copy.deepcopy(base), dls, batches, precision) for name in names}
+    sides = {name: table[name][2](copy.deepcopy(base), dls, batches, table[name][1]) for name in names}
     return sides, sum(p.numel() for p in base.parameters())
 
 
-def rss_of(side: str, precision: str, steps: int) -> float:
+def rss_of(side: str, precisions: list[str], steps: int) -> float:
     """Peak RSS (GiB) of one side running alone, in a child process."""
-    return run_child(__file__, '--rss-only', side, '--precision', precision, '--steps', str(steps))['rss_gib']
+    args = ['--rss-only', side, '--precisions', ','.join(precisions), '--steps', str(steps)]
+    return run_child(__file__, *args)['rss_gib']
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--precision', choices=['bf16', 'fp32'], default='bf16')
+    p.add_argument('--precisions', help="comma-separated, from 'bf16', 'bf16-autocast', 'bf16-true', 'fp32' "
+                   "(default: the three bf16 ones on a CPU with bf16 instructions, else fp32)")  # fmt: skip
     p.add_argument(
         '--steps', type=int, default=4, help='steps per side per round (the first step of each is not timed)'
     )
@@ -141,15 +175,17 @@ def main():
     a = p.parse_args()
     warnings.filterwarnings('ignore')
     torch.manual_seed(0)
+    precisions = a.precisions.split(',') if a.precisions else default_precisions()
+    table = sides_for(precisions, a.variants)
     if a.rss_only:
-        sides, _ = make_sides(a.precision, a.steps, [a.rss_only])
+        sides, _ = make_sides(table, a.steps, [a.rss_only])
         run = next(iter(sides.values()))
         run(a.steps)
         run(a.steps)
         print(json.dumps({'rss_gib': peak_rss_gib()}))
         return
-    names = [k for k, (_, default) in SIDES.items() if default or a.variants]
-    sides, n_params = make_sides(a.precision, a.steps, names)
+    report = machine()
+    sides, n_params = make_sides(table, a.steps, list(table))
     times = {k: [] for k in sides}
     for r in range(a.rounds + 1):  # round 0 warms up
         # A B C, then C B A: a side that always runs first (or last) was measured up to 8% off here
@@ -159,17 +195,24 @@ def main():
                 times[name] += t
         print(f'round {r}: ' + ', '.join(f'{k} {statistics.median(v):.2f}s/step' for k, v in times.items() if v),
               file=sys.stderr, flush=True)  # fmt: skip
-    rss = {k: (None if a.no_rss else rss_of(k, a.precision, a.steps)) for k in sides}
+    rss = {k: (None if a.no_rss else rss_of(k, precisions, a.steps)) for k in sides}
     tok_s = {k: BS * SEQ_LEN / statistics.median(v) for k, v in times.items()}
-    ours = tok_s['finetune Learner']
-    n = len(times['finetune Learner'])
-    print(f'\nworkload 1: SmolLM2-135M, seq_len {SEQ_LEN}, batch {BS}, {a.precision}, AdamW, CPU '
-          f'({torch.get_num_threads()} threads), median of {n} steps per side\n')  # fmt: skip
-    print('| side | tokens/s | MFU | finetune / side | peak RSS |\n|---|---|---|---|---|')
+    learner = {table[k][1]: tok_s[k] for k in sides if table[k][0] == 'finetune'}
+    n = len(times[next(iter(sides))])
+    print(f'\nworkload 1: SmolLM2-135M, seq_len {SEQ_LEN}, batch {BS}, AdamW, median of {n} steps per side; MFU '
+          'against the measured matmul peak of the precision\n')  # fmt: skip
+    print('| side | precision | tokens/s | MFU | Learner at this precision / side | peak RSS |')
+    print('|---|---|---|---|---|---|')
     for k in sides:
-        mfu = 6 * n_params * tok_s[k] / PEAK_FLOPS[a.precision]
+        prec = table[k][1]
+        mfu = 6 * n_params * tok_s[k] / peak_of(report, prec)
         mem = f'{rss[k]:.2f} GiB' if rss[k] is not None else 'n/a'
-        print(f'| {k} | {tok_s[k]:.0f} | {mfu:.1%} | {ours / tok_s[k]:.2f} | {mem} |')
+        ratio = f'{learner[prec] / tok_s[k]:.2f}' if prec in learner else ''
+        print(f'| {k.rsplit(", ", 1)[0]} | {prec} | {tok_s[k]:.0f} | {mfu:.1%} | {ratio} | {mem} |')
+    if 'bf16' in learner:  # auto's pick against what the other tools call bf16
+        for k in sides:
+            if table[k][0] in ('plain', 'trainer') and table[k][1] == 'bf16-autocast':
+                print(f"Learner 'bf16' (fp32 master weights) / {k}: {learner['bf16'] / tok_s[k]:.2f}")
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ def causal_lm_learner(
     *,
     tokenizer=None,  # defaults to `dls.tokenizer`, else loaded from `model` when that is a name or path
     n_groups: int | None = None,  # block groups (plus embeddings and head); default 4, fewer for small models
-    precision: str = 'auto',  # 'auto', 'bf16', 'fp16' (CUDA) or 'fp32'; autocast on the model's device
+    precision: str = 'auto',  # 'auto', 'bf16', 'bf16-true', 'bf16-autocast', 'fp16' (CUDA), 'fp32' (precision.py)
     accum_steps: int = 1,  # micro-batches per optimizer step (the gradient equals one large batch's)
     clip: float | None = 1.0,  # gradient-norm clipping; None turns it off
     grad_checkpointing: bool = False,  # recompute activations in backward: less memory, about 30% slower
@@ -68,7 +68,9 @@ def causal_lm_learner(
     device = getattr(dls, 'device', None)
     if device is not None:
         model.to(device)
-    dtype = resolve_precision(precision, next(model.parameters()).device)
+    resolved = resolve_precision(precision, next(model.parameters()).device)
+    if resolved.weights is not None:  # 'bf16-true': the model itself is cast
+        model.to(resolved.weights)
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     only = None
@@ -79,7 +81,7 @@ def causal_lm_learner(
         dls,
         model,
         tokenizer=tokenizer,
-        precision=dtype,
+        precision=resolved,
         fused_head=resolve_fused_head(model, fused_head, loss_func),
         n_groups=n_groups,
         only=only,

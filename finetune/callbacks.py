@@ -21,6 +21,7 @@ import torch
 from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 from fastai.callback.progress import ProgressCallback
 
+from .allocator import keep_freed_memory
 from .distributed import all_reduce_sum
 from .loss import IGNORE_INDEX, CausalLMLoss, HeadInput, head_bypass, head_is_bypassable
 from .precision import autocast
@@ -44,7 +45,7 @@ class HFCausalLMCallback(Callback):
 
     With `learn.fused_head` (the default of `causal_lm_learner` wherever the model allows it) the
     output layer is bypassed for each forward pass, and `learn.pred` is a `HeadInput` (final hidden
-    states + head + `learn.precision`): `CausalLMLoss` then computes head and loss together in
+    states + head + `learn.autocast_dtype`): `CausalLMLoss` then computes head and loss together in
     chunks, never holding full logits. The head is back in place as soon as the forward pass is
     done, so a callback may generate or export between batches; if a forward pass fails, `after_fit`
     (which `CausalLMLearner` runs for a failed fit too) puts it back, and `config.use_cache` as well.
@@ -77,7 +78,7 @@ class HFCausalLMCallback(Callback):
         pred = pred.logits if hasattr(pred, 'logits') else pred[0] if isinstance(pred, tuple) else pred
         if self._bypass is not None and len(self.yb):
             self._bypass.__exit__(None, None, None)
-            pred = HeadInput(pred, self._bypass.head, self.learn.precision)
+            pred = HeadInput(pred, self._bypass.head, self.learn.autocast_dtype)
         self.learn.pred = pred
 
     def _detach_frozen_body(self):
@@ -161,7 +162,8 @@ class MixCallback(Callback):
 class TrainStepCallback(Callback):
     """Everything between the forward pass and the optimizer step, in one explicit order.
 
-    1. autocast the forward pass to `learn.precision` on the model's device (bf16, or fp16 on CUDA);
+    1. autocast the forward pass to `learn.autocast_dtype` on the model's device ('bf16-autocast', fp16
+       on CUDA; none for 'bf16', whose bf16 copy of the weights `MasterWeightsCallback` swaps in);
        the loss and metrics are computed outside it, in fp32 (the fused head runs its matmuls in
        that dtype);
     2. with `accum_steps` > 1, backpropagate each micro-batch's summed token loss and step every
@@ -191,8 +193,9 @@ class TrainStepCallback(Callback):
         self.grad_norm = None  # the last step's gradient norm before clipping (with clip set)
 
     def before_fit(self):
+        keep_freed_memory()  # once per process: the steps reuse freed heap memory (allocator.py)
         self.procs = getattr(self.learn, 'world', 1)
-        self._dtype = self.learn.precision
+        self._dtype = self.learn.autocast_dtype
         self.device_type = next(self.learn.model.parameters()).device.type
         if self._dtype == torch.float16 and self.device_type != 'cuda':
             raise ValueError("fp16 needs a CUDA GPU: use precision='bf16' or 'fp32'")

@@ -467,7 +467,7 @@ def learner_identity(learn) -> dict:
         'training': {
             'accum_steps': learn.train_step.accum_steps,
             'clip': learn.train_step.clip,
-            'precision': str(learn.precision).replace('torch.', '') if learn.precision is not None else 'fp32',
+            'precision': learn.precision.name,
         },
         'versions': {
             'finetune': __version__,

@@ -72,7 +72,7 @@ class TrainConfig:
     epochs: int = _key(1, 'epochs of the mix', lo=1)
     lr: float | None = _key(None, "peak learning rate; none: fine_tune's 2e-4 (head group), or 2e-4 with LoRA", lo=0,
                             above=True)  # fmt: skip
-    precision: str = _key('auto', 'autocast dtype', choices=list(PRECISIONS))
+    precision: str = _key('auto', 'mixed precision (README, Mixed precision)', choices=list(PRECISIONS))
     lora: bool = _key(False, 'train LoRA adapters instead of all weights')
     compile: bool = _key(False, 'torch.compile the decoder blocks')
     out: str = _key('finetune-out', 'the run folder: metrics.jsonl, checkpoints/, model/', nonempty=True)
@@ -349,7 +349,8 @@ def cmd_generate(a) -> None:
 def cmd_quickstart(a) -> None:
     from .quickstart import run_quickstart
 
-    run_quickstart(out=a.out, steps=a.steps, seq_len=a.seq_len, bs=a.bs, lr=a.lr, precision=a.precision)
+    run_quickstart(out=a.out, minutes=a.minutes, steps=a.steps, seq_len=a.seq_len, bs=a.bs, lr=a.lr,
+                   precision=a.precision)  # fmt: skip
 
 
 def cmd_cache(a) -> int:
@@ -423,7 +424,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser('quickstart', help="fine-tune the embedded SmolLM2-135M on Python's docs", formatter_class=fmt)
     q.add_argument('--out', default='finetune-quickstart', help='folder for the fine-tuned model')
-    q.add_argument('--steps', type=int, default=80, help='optimizer steps')
+    q.add_argument('--minutes', type=float, default=10, help='time budget for the whole run; steps are sized to it')
+    q.add_argument('--steps', type=int, help='a fixed number of optimizer steps instead of the time budget')
     q.add_argument('--seq-len', dest='seq_len', type=int, default=256)
     q.add_argument('--bs', type=int, default=4)
     q.add_argument('--lr', type=float, help="fine_tune's peak LR (default: its own, 2e-4)")
@@ -466,7 +468,7 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument('--bs', type=int, default=8, help='blocks per forward pass')
     e.add_argument('--max-blocks', dest='max_blocks', type=int, default=None, help='blocks per corpus (none: all)')
-    e.add_argument('--precision', choices=PRECISIONS, default='auto', help='autocast dtype')
+    e.add_argument('--precision', choices=PRECISIONS, default='auto', help='evaluated under autocast to its dtype')
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser('generate', help='continue prompts', formatter_class=fmt)

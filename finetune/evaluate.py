@@ -82,7 +82,7 @@ def corpus_perplexity(
     corpora,  # a Corpus or a list of them
     seq_len: int = 512,  # tokens per evaluated block
     bs: int = 8,  # blocks per forward pass
-    precision: str = 'auto',  # autocast dtype, as for training
+    precision: str = 'auto',  # as for training; evaluated under autocast to its dtype
     max_blocks: int | None = None,  # evaluate at most this many blocks per corpus
     cache=None,  # token cache folder
 ):
@@ -94,7 +94,7 @@ def corpus_perplexity(
     corpora = [corpora] if isinstance(corpora, Corpus) else list(corpora)
     check_seq_len(model, seq_len, fix='evaluate with')  # past the context a model fails or scores garbage
     device = next(model.parameters()).device
-    dtype = resolve_precision(precision, device)
+    dtype = resolve_precision(precision, device).compute
     loss_func, rows = CausalLMLoss(), []
     fused = supports_head_bypass(model)  # no full logits here either
     with eval_mode(model), head_bypass(model) if fused else nullcontext() as head:

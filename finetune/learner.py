@@ -71,8 +71,9 @@ from .generate import generate
 from .inference import KeepPredictions, decode_rows, predict_text, results_table
 from .lora import is_peft_model, save_lora
 from .loss import CausalLMLoss
+from .master_weights import MasterWeightsCallback
 from .optimizer import AdamW, adamw
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from .runlog import MetricsLog
 from .schedule import fine_tune_phases
 from .splitter import LayerGroup, decoder_groups, norm_bias_params
@@ -99,7 +100,7 @@ class CausalLMLearner(Learner):
         model,
         *,
         tokenizer=None,  # for generation and export
-        precision: torch.dtype | None = None,  # autocast dtype of the forward pass; None: fp32
+        precision: Precision | None = None,  # from `resolve_precision`; None: fp32
         fused_head: bool = False,  # LM head + loss in chunks (see `loss.py`); needs `CausalLMLoss`
         n_groups: int | None = None,  # decoder-block groups (see `splitter.decoder_groups`)
         only: set[int] | None = None,  # ids of the only parameters grouped and trained (LoRA adapters)
@@ -127,7 +128,8 @@ class CausalLMLearner(Learner):
                 f'{loading} are options for loading the model: pass them as model_kwargs={{...}} to causal_lm_learner'
             )
         self._auto_metrics = metrics is None
-        self.tokenizer, self.precision, self.fused_head = tokenizer, precision, fused_head
+        self.tokenizer, self.fused_head = tokenizer, fused_head
+        self.precision = precision or Precision('fp32')
         self.n_groups, self.only = n_groups, only
         self.new_params = list(new_params or [])
         self.lr_given = True  # False when the learner's lr is the default (then fine_tune uses FINE_TUNE_LR)
@@ -139,7 +141,7 @@ class CausalLMLearner(Learner):
         if (checkpoint_every is not None or report_to) and run_dir is None:
             run_dir = broadcast_object(new_run_dir())  # said at the first fit; several processes share one
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        own = [HFCausalLMCallback(), TrainStepCallback(accum_steps, clip)]
+        own = [HFCausalLMCallback(), MasterWeightsCallback(), TrainStepCallback(accum_steps, clip)]
         if isinstance(dls, LMDataLoaders):
             own.append(MixCallback())
         if compile:
@@ -173,11 +175,11 @@ class CausalLMLearner(Learner):
     def __repr__(self) -> str:
         p = next(self.model.parameters())
         n = sum(q.numel() for q in self.model.parameters())
-        precision = 'fp32' if self.precision is None else f'{str(self.precision)[6:]} autocast'
-        pure = '' if p.dtype == torch.float32 else f' (weights in {str(p.dtype)[6:]}: trained without an fp32 copy)'
+        low = p.dtype != torch.float32 and self.precision.weights is None  # loaded in low precision by the user
+        pure = '' if not low else f' (weights in {str(p.dtype)[6:]}: trained without an fp32 copy)'
         return (
             f'{type(self).__name__}({type(self.model).__name__}, {n / 1e6:,.1f}M parameters in {str(p.dtype)[6:]} '
-            f'on {p.device}, precision {precision}{pure}, {len(self.layer_groups())} layer groups, '
+            f'on {p.device}, precision {self.precision.says}{pure}, {len(self.layer_groups())} layer groups, '
             f'fused head {"on" if self.fused_head else "off"})'
         )
 
@@ -208,7 +210,7 @@ class CausalLMLearner(Learner):
         return self._use_precision('fp16')
 
     def to_bf16(self):
-        """fastai's bf16 switch: here `precision='bf16'` (autocast; the weights stay fp32)."""
+        """fastai's bf16 switch: here `precision='bf16'` (a bf16 copy of the fp32 weights computes)."""
         return self._use_precision('bf16')
 
     def to_fp32(self):
@@ -218,11 +220,19 @@ class CausalLMLearner(Learner):
         self.precision = resolve_precision(name, next(self.model.parameters()).device)  # errors name precision=
         return self
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this fit's forward passes: 'bf16' runs as autocast on several processes."""
+        if self.precision.master and self.world > 1:
+            return torch.bfloat16
+        return self.precision.autocast
+
     def add_cb(self, cb):
         if isinstance(cb, MixedPrecision) or (isinstance(cb, type) and issubclass(cb, MixedPrecision)):
             raise ValueError(
                 "fastai's MixedPrecision callback does not apply here: the precision is causal_lm_learner's "
-                "precision= ('bf16', 'fp16' on CUDA, 'fp32', 'auto'), or learn.to_bf16() / learn.to_fp16()"
+                "precision= ('bf16', 'bf16-true', 'bf16-autocast', 'fp16' on CUDA, 'fp32', 'auto'), or "
+                'learn.to_bf16() / learn.to_fp16()'
             )
         return super().add_cb(cb)
 

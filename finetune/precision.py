@@ -1,63 +1,162 @@
-"""Where precision is chosen: the names a user can give, what each means on a device, and the autocast it implies.
+"""Where precision is chosen: the names a user can give, what each means on a device, and whether the CPU has bf16.
 
-`resolve_precision` turns a name ('auto', 'bf16', 'fp16', 'fp32') into the autocast dtype for the
-device the model is on (None: fp32, no autocast), once, when a learner or an evaluation starts.
-Everything downstream (the training step, the fused head, `corpus_perplexity`) receives that dtype
-and enters `autocast(device, dtype)`; nothing reads the autocast state back at run time.
+`resolve_precision` turns a name into a `Precision` for the device the model is on, once, when a
+learner or an evaluation starts. Everything downstream reads that object; nothing reads the
+autocast state back at run time.
 
-'auto' picks bf16 on CUDA GPUs that have it (fp16 with loss scaling on those that don't), bf16 on
-CPUs that compute it natively (x86 AVX512-BF16 or AMX, ARM BF16), and fp32 elsewhere: on a CPU
-without bf16 instructions a bf16 matmul is emulated, tens of times slower than fp32.
+- 'bf16': mixed precision with fp32 master weights. The optimizer keeps the fp32 weights; the
+  forward and backward passes run on a bf16 copy of them, refreshed once per optimizer step
+  (`callbacks.MasterWeightsCallback`), so activations, norms and the residual stream are bf16 too
+  and nothing is cast per forward pass. The gradients reach the optimizer in fp32.
+- 'bf16-autocast': torch autocast; the weights stay fp32 and every matmul casts its weight and
+  input to bf16 in each forward pass (the gradients back in each backward).
+- 'bf16-true': bf16 end to end: the model is cast to bf16, and the gradients and the optimizer
+  state are bf16 too (half the memory of 'bf16'); updates smaller than half a bf16 step of a
+  weight are lost, so the loss falls more slowly at fine-tuning learning rates (README, Precision).
+- 'fp16': autocast with loss scaling, CUDA only. 'fp32': no mixed precision.
+- 'auto': 'bf16' on CUDA GPUs that have it ('fp16' on those that don't) and on CPUs that compute
+  bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), 'fp32' elsewhere: on a CPU without bf16
+  instructions a bf16 matmul is emulated, tens of times slower than fp32.
 """
 
 from __future__ import annotations
 
+import json
+import platform
+import subprocess
+import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-__all__ = ['PRECISIONS', 'resolve_precision', 'cpu_has_native_bf16', 'autocast']
+from .cache import atomic_write_text, cache_folder
 
-PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')  # the names `precision=` and `--precision` take
+__all__ = ['PRECISIONS', 'Precision', 'resolve_precision', 'cpu_has_native_bf16', 'matmul_flops', 'autocast']
+
+PRECISIONS = ('auto', 'bf16', 'bf16-true', 'bf16-autocast', 'fp16', 'fp32')  # what `precision=` takes
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What a precision name means on one device."""
+
+    name: str  # 'fp32', 'bf16', 'bf16-true', 'bf16-autocast' or 'fp16' ('auto' resolved)
+    autocast: torch.dtype | None = None  # autocast dtype of the forward pass; None: no autocast
+    master: bool = False  # fp32 master weights, a bf16 copy for forward and backward ('bf16')
+    weights: torch.dtype | None = None  # the dtype the model is cast to for good ('bf16-true')
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def compute(self) -> torch.dtype | None:
+        """The dtype matmuls run in (None: fp32): an evaluation autocasts to it, leaving the model as it is."""
+        return self.autocast or self.weights or (torch.bfloat16 if self.master else None)
+
+    @property
+    def says(self) -> str:
+        """The name with what it means, for a learner's repr and logs."""
+        return {
+            'bf16': 'bf16 (fp32 master weights)',
+            'bf16-autocast': 'bf16 autocast',
+            'bf16-true': 'bf16-true (weights, gradients and optimizer state in bf16)',
+            'fp16': 'fp16 autocast (loss scaled)',
+        }.get(self.name, self.name)
+
+
+def _flags() -> str:
+    """The CPU's feature flags as the OS reports them ('' where it does not)."""
+    system = platform.system()
+    if system == 'Linux':
+        try:
+            with open('/proc/cpuinfo') as f:
+                text = f.read(1 << 16)
+        except OSError:
+            return ''
+        line = next((s for s in text.splitlines() if s.startswith(('flags', 'Features'))), '')
+        return ' ' + line.partition(':')[2].strip() + ' '
+    if system == 'Darwin':  # Apple silicon: FEAT_BF16 from M2 on
+        try:
+            out = subprocess.run(['sysctl', '-n', 'hw.optional.arm.FEAT_BF16'], capture_output=True, text=True)
+        except OSError:
+            return ''
+        return ' bf16 ' if out.stdout.strip() == '1' else ' nobf16 '
+    return ''  # Windows and others: measured instead
+
+
+def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of an n x n matmul in `dtype` on this CPU with torch's threads (the best of repeated runs)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up: threads, kernels
+    best, end = float('inf'), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+@cache
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), where autocast pays off."""
+    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), where bf16 pays off.
+
+    Read from the CPU's flags on Linux and macOS; elsewhere a bf16 and an fp32 matmul are timed once
+    (native when bf16 runs at least as fast) and the answer is kept in the cache folder.
+    """
+    flags = _flags()
+    if flags.strip():
+        return any(f' {flag} ' in flags for flag in ('avx512_bf16', 'amx_bf16', 'bf16'))
+    key = f'{platform.processor() or platform.machine()} torch {torch.__version__}'
+    path = cache_folder('machine') / 'bf16.json'
     try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read(1 << 16)
-    except OSError:
-        return False
-    return any(flag in flags for flag in (' avx512_bf16', ' amx_bf16', ' bf16'))
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        n = 256  # small: an emulated bf16 matmul takes milliseconds at this size, not seconds
+        known[key] = matmul_flops(torch.bfloat16, n, 0.1) >= matmul_flops(torch.float32, n, 0.1)
+        atomic_write_text(path, json.dumps(known))
+    return bool(known[key])
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for fp32."""
+def resolve_precision(precision: str, device: torch.device | str) -> Precision:
+    """What `precision` means on `device`; 'auto' becomes the fastest safe choice there."""
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f'precision={precision!r}: use one of {", ".join(map(repr, PRECISIONS))}')
-    if precision == 'fp32':
-        return None
     cuda = device.type == 'cuda'
+    if precision == 'auto':
+        if cuda:
+            precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        else:
+            precision = 'bf16' if device.type == 'cpu' and cpu_has_native_bf16() else 'fp32'
+    if precision == 'fp32':
+        return Precision('fp32')
     if precision == 'fp16':
         if not cuda:
             raise ValueError(
                 f"precision='fp16' needs a CUDA GPU (the model is on {device.type}): fp16 autocast elsewhere is slow "
                 "and has no loss scaling; use 'bf16' or 'fp32'"
             )
-        return torch.float16
-    if precision == 'bf16':
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16: use precision='fp16' (with loss scaling) or 'fp32'")
-        if device.type not in ('cpu', 'cuda'):
-            raise ValueError(f"bf16 autocast is supported here on CPU and CUDA, not {device.type}: use 'fp32'")
-        return torch.bfloat16
-    # auto: the fastest safe choice
-    if cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == 'cpu' and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
+        return Precision('fp16', autocast=torch.float16)
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"precision={precision!r} is supported here on CPU and CUDA, not {device.type}: use 'fp32'")
+    if cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision={precision!r}: this GPU has no bf16; use 'fp16' (with loss scaling) or 'fp32'")
+    if device.type == 'cpu' and not cpu_has_native_bf16():
+        warnings.warn(
+            f'precision={precision!r}: this CPU has no bf16 instructions (no AVX512-BF16, AMX or ARM BF16), so bf16 '
+            "matmuls are emulated, often tens of times slower than fp32; precision='auto' picks 'fp32' here",
+            stacklevel=3,
+        )
+    if precision == 'bf16-autocast':
+        return Precision(precision, autocast=torch.bfloat16)
+    if precision == 'bf16-true':
+        return Precision(precision, weights=torch.bfloat16)
+    return Precision('bf16', master=True)
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):

@@ -9,24 +9,39 @@ Three corpora that every Python install has, written into the cache:
   instruct model keeps answering questions while it learns the domain (the loss is on the answers).
 
 `run_quickstart` shows the mix report, each corpus's perplexity before and after training, and a
-generation for the same prompt before and after, then saves the model. It is sized to finish in
-about ten minutes on two CPU cores with bf16 autocast.
+generation for the same prompt before and after, then saves the model. It fits a time budget
+(`minutes`, 10 by default) on whatever machine runs it: a few warm-up steps on a throwaway copy
+of the model are timed, with a validation pass, and `size_run` turns what is left of the budget
+into training steps and validation blocks; the plan is printed before training. `steps=` fixes
+the number of steps instead.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
+import gc
+import math
 import os
 import sysconfig
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir
 from .corpora import Corpus
 from .mix import CorpusMix
 
-__all__ = ['python_reference_corpus', 'stdlib_docstrings_corpus', 'stdlib_chat_corpus', 'run_quickstart', 'PROMPT']
+__all__ = [
+    'python_reference_corpus',
+    'stdlib_docstrings_corpus',
+    'stdlib_chat_corpus',
+    'run_quickstart',
+    'size_run',
+    'RunSize',
+    'PROMPT',
+]
 
 PROMPT = 'The with statement is used to'
 DOC_SEP = '\x1e'  # ASCII record separator between docstrings: it never occurs inside one
@@ -107,9 +122,86 @@ def stdlib_chat_corpus(folder: Path, max_pairs: int = 1500) -> Corpus:
     return Corpus(path, name='stdlib_chat')
 
 
+WARMUP_STEPS = 4  # timed on a throwaway copy of the model; the first one (allocation, threads) is not counted
+RESERVE_S = 20.0  # two generations, saving the model, building the loaders: measured at 5 to 12 s here
+MARGIN = 0.05  # of the budget, for the noise in the step time
+
+
+@dataclass
+class RunSize:
+    """A run sized to a time budget: training steps and validation blocks per corpus."""
+
+    steps: int
+    valid_blocks: int
+    seconds: float  # what the plan is expected to take from here
+
+
+def size_run(left_s: float, step_s: float, block_s: float, n_corpora: int, max_valid_blocks: int = 16,
+             what: str = 'the budget') -> RunSize:  # fmt: skip
+    """The most training steps that fit in `left_s` seconds with two validations (before and after) and saving.
+
+    Validation gets at most a fifth of what is left (fewer blocks per corpus, at least 2); an error
+    says how long one step takes when not even one fits.
+    """
+    usable = left_s * (1 - MARGIN) - RESERVE_S
+    per_block = 2 * n_corpora * block_s  # one more block per corpus in each of the two validations
+    blocks = max_valid_blocks if per_block * max_valid_blocks <= usable / 5 else int(usable / 5 // per_block)
+    blocks = max(2, min(max_valid_blocks, blocks))
+    steps = int((usable - per_block * blocks) // step_s)
+    if steps < 1:
+        need = (step_s + per_block * 2 + RESERVE_S) / (1 - MARGIN) - left_s
+        raise ValueError(
+            f'{what} is too short on this machine: one training step takes {step_s:.1f} s ({step_s / 60:.2f} minutes), '
+            f'two validations of {2 * n_corpora} blocks {per_block * 2:.0f} s and generating and saving about '
+            f'{RESERVE_S:.0f} s; raise it by at least {math.ceil(need / 60)} minute(s), or pass a fixed --steps'
+        )
+    return RunSize(steps, blocks, (steps * step_s + per_block * blocks + RESERVE_S))
+
+
+def _timed_warmup(corpora, shares, tok, model, precision, seq_len, bs, seed, cache):
+    """Seconds per training step and per validation block, from a short fit of a throwaway copy of `model`."""
+    from fastai.callback.core import Callback
+
+    from .build import causal_lm_learner
+    from .data import lm_dataloaders
+
+    class Clock(Callback):
+        order = 100
+
+        def before_fit(self):
+            self.steps, self.last, self.valid = [], None, 0.0
+
+        def after_step(self):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.steps.append(now - self.last)
+            self.last = now
+
+        def before_validate(self):
+            self.started = time.perf_counter()
+
+        def after_validate(self):
+            self.valid = time.perf_counter() - self.started
+
+    mix = CorpusMix(corpora, share=shares, epoch_tokens=WARMUP_STEPS * bs * seq_len, seed=seed)
+    dls = lm_dataloaders(mix, tok, seq_len=seq_len, bs=bs, valid_pct=0.05, seed=seed, cache=cache,
+                         max_valid_blocks=2, verbose=False)  # fmt: skip
+    clock = Clock()
+    learn = causal_lm_learner(dls, copy.deepcopy(model), precision=precision, lr=1e-9, cbs=[clock])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    blocks = dls.valid.n  # validation blocks, every corpus's
+    step_s, block_s = sorted(clock.steps)[len(clock.steps) // 2], clock.valid / max(1, blocks)
+    name = learn.precision.name
+    del learn, dls
+    gc.collect()
+    return step_s, block_s, name
+
+
 def run_quickstart(
     out: str | os.PathLike = 'finetune-quickstart',  # where the fine-tuned model is saved
-    steps: int = 80,  # optimizer steps of bs x seq_len tokens
+    minutes: float = 10,  # the whole run's time budget on this machine: steps and validation are sized to it
+    steps: int | None = None,  # a fixed number of optimizer steps of bs x seq_len tokens instead of the budget
     seq_len: int = 256,
     bs: int = 4,
     lr: float | None = None,  # fine_tune's peak LR; default: its measured default
@@ -126,6 +218,10 @@ def run_quickstart(
     from .models import load_model, load_tokenizer
 
     start = time.time()
+    if steps is None and not minutes > 0:
+        raise ValueError(f'--minutes {minutes:g}: the time budget must be a positive number of minutes')
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f'--steps {steps}: a whole number of optimizer steps >= 1')
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f'{out} exists and is not empty: pass another --out folder')
@@ -142,19 +238,28 @@ def run_quickstart(
     corpora, shares = [general, target], {target.name: share}
     if chat_share:
         corpora, shares = [general, target, chat], {target.name: share, chat.name: chat_share}
+    model = load_model('smollm2-135m')
+    if steps is None:
+        step_s, block_s, name = _timed_warmup(corpora, shares, tok, model, precision, seq_len, bs, seed, cache)
+        what = f'--minutes {minutes:g}'
+        size = size_run(minutes * 60 - (time.time() - start), step_s, block_s, len(corpora), max_valid_blocks, what)
+        steps, max_valid_blocks = size.steps, size.valid_blocks
+        print(f'the plan: {name} on this {_device_name()}: {bs * seq_len / step_s:,.0f} tokens/s; {steps} steps of '
+              f'{bs} x {seq_len} tokens and {max_valid_blocks} validation blocks per corpus, about '
+              f'{(time.time() - start + size.seconds) / 60:.1f} of {minutes:g} minutes\n')  # fmt: skip
     mix = CorpusMix(corpora, share=shares, epoch_tokens=steps * bs * seq_len, seed=seed)
     print('1. the corpora and the mix')
     dls = lm_dataloaders(
         mix, tok, seq_len=seq_len, bs=bs, valid_pct=0.05, seed=seed, cache=cache, max_valid_blocks=max_valid_blocks
     )
     print('\n2. the model: SmolLM2-135M-Instruct, embedded')
-    learn = causal_lm_learner(dls, load_model('smollm2-135m'), precision=precision)
+    learn = causal_lm_learner(dls, model, precision=precision)
     names = dls.packed.names
     before = dict(zip(['all', *names], learn.validate()[1:]))
     text_before = learn.generate(PROMPT, max_new_tokens=40)
     print('\n3. training')
     learn.fine_tune(1, lr)
-    after = dict(zip(['all', *names], learn.validate()[1:]))
+    after = dict(zip(['all', *names], learn.recorder.values[-1][2:]))  # the fit's own validation, at its end
     text_after = learn.generate(PROMPT, max_new_tokens=40)
     print('\n4. what changed')
     for name in names:
@@ -164,4 +269,11 @@ def run_quickstart(
     path = learn.save_pretrained(out)
     minutes = (time.time() - start) / 60
     print(f'\nsaved to {path} (AutoModelForCausalLM.from_pretrained loads it); {minutes:.1f} minutes in all')
-    return {'before': before, 'after': after, 'text_before': text_before, 'text_after': text_after, 'minutes': minutes}
+    return {'before': before, 'after': after, 'text_before': text_before, 'text_after': text_after, 'minutes': minutes,
+            'steps': steps, 'valid_blocks': max_valid_blocks}  # fmt: skip
+
+
+def _device_name() -> str:
+    import torch
+
+    return f'GPU ({torch.cuda.get_device_name()})' if torch.cuda.is_available() else 'CPU'

@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM
 
 import finetune.cli as cli
 from finetune import Corpus, corpus_perplexity, load_tokenizer
-from finetune.quickstart import python_reference_corpus, stdlib_docstrings_corpus
+from finetune.quickstart import (
+    MARGIN,
+    RESERVE_S,
+    WARMUP_STEPS,
+    python_reference_corpus,
+    size_run,
+    stdlib_docstrings_corpus,
+)
 
 
 @pytest.fixture
@@ -273,6 +280,38 @@ def test_quickstart_runs_on_a_stand_in_model(tmp_path, tiny_model_dir, monkeypat
     assert 'perplexity of python_reference' in out and 'before:' in out and 'after:' in out
     assert result['after']['python_reference'] < result['before']['python_reference']
     assert (tmp_path / 'qs' / 'model.safetensors').exists()
+
+
+@pytest.mark.slow
+def test_quickstart_sizes_its_run_to_the_time_budget(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import finetune.models as models
+
+    monkeypatch.setattr(models, 'zoo_model_dir', lambda name: tiny_model_dir)
+    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+    from finetune.quickstart import run_quickstart
+
+    result = run_quickstart(out=tmp_path / 'qs', minutes=0.5, seq_len=32, bs=4, lr=3e-3, precision='fp32')
+    out = capsys.readouterr().out
+    plan = re.search(r'the plan: fp32 on this CPU: [\d,]+ tokens/s; (\d+) steps of 4 x 32 tokens and (\d+) valid', out)
+    assert plan and int(plan[1]) == result['steps'] > WARMUP_STEPS and int(plan[2]) == result['valid_blocks']
+    with pytest.raises(ValueError, match=r'--minutes 0.01 is too short on this machine: one training step takes'):
+        run_quickstart(out=tmp_path / 'qs2', minutes=0.01, seq_len=32, bs=4, precision='fp32')
+    assert not (tmp_path / 'qs2').exists()
+    code, _, err = run(['quickstart', '--minutes', '0', '--out', str(tmp_path / 'qs3')], capsys)
+    assert code == 2 and 'the time budget must be a positive number of minutes' in err
+
+
+def test_a_run_is_sized_to_what_is_left_of_the_budget():
+    size = size_run(600, step_s=4.0, block_s=0.5, n_corpora=3)
+    usable = 600 * (1 - MARGIN) - RESERVE_S
+    validation = 2 * 3 * 0.5 * size.valid_blocks
+    assert size.valid_blocks == 16 and size.steps * 4.0 + validation <= usable < (size.steps + 1) * 4.0 + validation
+    slow_valid = size_run(300, step_s=1.0, block_s=5.0, n_corpora=3)  # validation would take most of the budget
+    assert slow_valid.valid_blocks == 2 and slow_valid.steps == int(300 * (1 - MARGIN) - RESERVE_S - 60)
+    with pytest.raises(
+        ValueError, match=r'one training step takes 40.0 s \(0.67 minutes\).*raise it by at least 1 minute'
+    ):
+        size_run(50, step_s=40.0, block_s=0.5, n_corpora=2, what='--minutes 1')
 
 
 def test_switches_in_a_config_are_not_undone_by_absent_flags(tmp_path, corpora):

@@ -79,8 +79,8 @@ def test_summary_works_with_the_fused_head(learn):
 def test_fastais_precision_switches_map_onto_precision(learn, two, tokenizer):
     with pytest.raises(ValueError, match='fp16'):
         learn.to_fp16()  # no CUDA here
-    assert learn.to_bf16() is learn and learn.precision == torch.bfloat16
-    assert learn.to_fp32().precision is None
+    assert learn.to_bf16() is learn and learn.precision.name == 'bf16' and learn.precision.master
+    assert learn.to_fp32().precision.name == 'fp32'
     with pytest.raises(ValueError, match="precision= .*'bf16'"):
         causal_lm_learner(two, tiny_llama(len(tokenizer)), cbs=MixedPrecision())
 

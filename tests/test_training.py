@@ -12,7 +12,8 @@ from fastai.callback.core import Callback, CancelStepException
 from torch import nn
 
 from finetune import Corpus, causal_lm_learner, lm_dataloaders
-from finetune.precision import resolve_precision
+from finetune.master_weights import MasterWeightsCallback
+from finetune.precision import Precision, resolve_precision
 from finetune.splitter import decoder_groups, is_norm
 
 
@@ -220,11 +221,80 @@ def activation_dtypes(learn):
     return set(seen)
 
 
-def test_bf16_autocast_is_active_on_cpu(dls, llama):
-    learn = causal_lm_learner(dls, llama, precision='bf16')
-    assert activation_dtypes(learn) == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in learn.model.parameters())  # weights stay fp32
-    assert learn.recorder.values[-1][0] > 0  # loss and metrics computed (in fp32)
+class SeenAtStep(Callback):
+    """The dtypes of the weights and gradients the optimizer steps on, and whether autocast was on in the forward."""
+
+    order = 30  # after MasterWeightsCallback and TrainStepCallback
+
+    def before_fit(self):
+        self.weights, self.grads, self.autocast = set(), set(), set()
+
+    def before_batch(self):  # after TrainStepCallback's, which enters autocast
+        self.autocast.add(torch.is_autocast_enabled('cpu'))
+
+    def before_step(self):
+        params = [p for p in self.learn.model.parameters() if p.grad is not None]
+        self.weights |= {p.dtype for p in params}
+        self.grads |= {p.grad.dtype for p in params}
+
+
+def test_bf16_trains_a_bf16_copy_of_fp32_master_weights(dls, llama, monkeypatch):
+    seen = SeenAtStep()
+    learn = causal_lm_learner(dls, llama, precision='bf16', accum_steps=2, cbs=[seen])
+    before = [p.detach().clone() for p in llama.parameters()]
+    refreshed = []
+    master = next(cb for cb in learn.cbs if isinstance(cb, MasterWeightsCallback))
+    monkeypatch.setattr(master, '_refresh', lambda f=master._refresh: (refreshed.append(learn.opt_steps), f()))
+    assert activation_dtypes(learn) == {torch.bfloat16}  # the whole forward computes in bf16 ...
+    assert seen.autocast == {False}  # ... without autocast
+    assert seen.weights == {torch.float32} and seen.grads == {torch.float32}  # the optimizer sees fp32 only
+    assert all(p.dtype == torch.float32 for p in llama.parameters())  # fp32 again after the fit
+    assert refreshed == sorted(set(refreshed)) and len(refreshed) == learn.opt_steps + 1  # once per optimizer step
+    assert all(not torch.equal(a, p) for a, p in zip(before, llama.parameters()))
+    assert learn.recorder.values[-1][0] > 0  # loss and metrics computed
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_casts_in_the_forward(dls, llama):
+    seen = SeenAtStep()
+    learn = causal_lm_learner(dls, llama, precision='bf16-autocast', cbs=[seen])
+    assert activation_dtypes(learn) == {torch.bfloat16} and seen.autocast == {True}
+    assert seen.weights == {torch.float32} and seen.grads == {torch.float32}
+
+
+def test_bf16_true_trains_in_bf16_end_to_end(dls, llama):
+    seen = SeenAtStep()
+    learn = causal_lm_learner(dls, llama, precision='bf16-true', cbs=[seen])
+    assert all(p.dtype == torch.bfloat16 for p in llama.parameters())  # cast when the learner is built
+    assert 'bf16-true' in repr(learn) and 'without an fp32 copy' not in repr(learn)
+    assert activation_dtypes(learn) == {torch.bfloat16} and seen.autocast == {False}
+    assert seen.weights == {torch.bfloat16} and seen.grads == {torch.bfloat16}
+    state = [s for s in learn.opt.opt.state.values() if 'exp_avg' in s]
+    assert state and all(s['exp_avg'].dtype == torch.bfloat16 for s in state)
+
+
+def test_master_weights_keep_the_updates_bf16_true_loses(dls, tokenizer):
+    """An AdamW step of 1e-5 is far below half a bf16 step of a weight near 0.5: fp32 masters keep it."""
+    moved = {}
+    for precision in ('bf16', 'bf16-true'):
+        model = tiny_llama(len(tokenizer))
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.fill_(0.5)
+        learn = causal_lm_learner(dls, model, precision=precision, lr=1e-5)
+        learn.fit(1)
+        moved[precision] = (model.model.layers[0].mlp.down_proj.weight.float() != 0.5).float().mean().item()
+    assert moved['bf16'] > 0.9 and moved['bf16-true'] == 0
+
+
+def test_bf16_and_autocast_train_alike(dls, tokenizer):
+    losses, sampler_start = {}, dls.train.sampler.state_dict()
+    for precision in ('fp32', 'bf16', 'bf16-autocast'):
+        torch.manual_seed(0)
+        learn = causal_lm_learner(dls, tiny_llama(len(tokenizer)), precision=precision)
+        dls.train.sampler.load_state_dict(sampler_start)
+        learn.fit(2, 1e-3)
+        losses[precision] = learn.recorder.values[-1][1]
+    assert losses['bf16'] == pytest.approx(losses['fp32'], rel=0.03)
+    assert losses['bf16-autocast'] == pytest.approx(losses['fp32'], rel=0.03)
 
 
 def test_fp32_means_no_autocast(dls, llama):
@@ -235,9 +305,15 @@ def test_auto_precision(monkeypatch):
     import finetune.precision as cb
 
     monkeypatch.setattr(cb, 'cpu_has_native_bf16', lambda: True)
-    assert resolve_precision('auto', torch.device('cpu')) == torch.bfloat16
+    assert resolve_precision('auto', torch.device('cpu')) == Precision('bf16', master=True)
     monkeypatch.setattr(cb, 'cpu_has_native_bf16', lambda: False)
-    assert resolve_precision('auto', torch.device('cpu')) is None
+    assert resolve_precision('auto', torch.device('cpu')) == Precision('fp32')
+
+
+def test_bf16_on_a_cpu_without_it_says_so_and_what_auto_picks(dls, llama):
+    with pytest.warns(UserWarning, match="no bf16 instructions.*precision='auto' picks 'fp32'"):
+        learn = causal_lm_learner(dls, llama, precision='bf16')
+    assert learn.precision.name == 'bf16'  # asked for by name: done, slowly
 
 
 def test_fp16_on_cpu_is_a_clear_error(dls, llama):
