@@ -27,7 +27,6 @@ from common import machine, reference_dls, step_timer
 SEQ_LEN, BS = 256, 4
 SETTINGS = {
     'glibc defaults': {},
-    'mmap threshold 32 MiB, no trim': {'MALLOC_MMAP_THRESHOLD_': str(32 << 20), 'MALLOC_TRIM_THRESHOLD_': str(1 << 40)},
     "finetune's (mallopt at the first fit)": {'FINETUNE_MALLOPT': '1'},
 }
 

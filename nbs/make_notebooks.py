@@ -68,7 +68,7 @@ QUICKSTART = [
     md('## 4. Training with a fastai `Learner`\nPerplexity per corpus before training:'),
     code(
         'from finetune import causal_lm_learner\n'
-        "learn = causal_lm_learner(dls, 'smollm2-135m')   # bf16 autocast on CPUs that have it\n"
+        "learn = causal_lm_learner(dls, 'smollm2-135m')   # bf16 on CPUs that have it (precision=)\n"
         "names = ['all', *dls.packed.names]\n"
         'before = dict(zip(names, learn.validate()[1:]))\n'
         "prompt = 'The with statement is used to'\n"

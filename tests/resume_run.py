@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument('out')
     p.add_argument('--data', required=True)
     p.add_argument('--resume')
-    p.add_argument('--how', choices=['fit_one_cycle', 'fine_tune', 'lora'], default='fit_one_cycle')
+    p.add_argument('--how', choices=['fit_one_cycle', 'fine_tune', 'lora', 'bf16'], default='fit_one_cycle')
     a = p.parse_args(argv)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     out = Path(a.out)
@@ -61,8 +61,9 @@ def main(argv=None):
     dls = lm_dataloaders(mix, tok, seq_len=16, bs=4, cache=Path(a.data) / 'cache', verbose=False)
     model = tiny_gpt2(len(tok), resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     record = Record()
+    precision = 'bf16' if a.how == 'bf16' else 'fp32'
     learn = causal_lm_learner(
-        dls, model, precision='fp32', accum_steps=2, n_groups=2, run_dir=out / 'run', checkpoint_every=1,
+        dls, model, precision=precision, accum_steps=2, n_groups=2, run_dir=out / 'run', checkpoint_every=1,
         lora=True if a.how == 'lora' else None, cbs=[record],
     )  # fmt: skip
     with learn.no_bar(), learn.no_logging():

@@ -52,6 +52,7 @@ def uninterrupted(tmp_path_factory):
         ('fit_one_cycle', 10, 'the end of epoch 1'),
         ('fine_tune', 4, 'the frozen phase'),
         ('lora', 7, 'the middle of epoch 1'),
+        ('bf16', 5, 'the middle of epoch 1'),  # fp32 master weights, a bf16 copy: the masters are what is saved
     ],
 )
 def test_a_resumed_run_is_the_uninterrupted_run(uninterrupted, how, step, where):

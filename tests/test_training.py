@@ -541,3 +541,39 @@ def test_a_frozen_step_of_a_tied_model_runs_no_backward_through_the_blocks(dls, 
     handle.remove()
     assert any(seen)  # unfrozen, the blocks are in the graph again
     assert not model.get_input_embeddings()._forward_hooks  # nothing left behind
+
+
+MALLINFO = """
+import ctypes, sys
+import finetune.allocator as allocator
+class Info(ctypes.Structure):
+    names = 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = Info
+done = [allocator.keep_freed_memory(), allocator.keep_freed_memory()]
+before = libc.mallinfo2().hblks
+block = ctypes.create_string_buffer(8 << 20)
+print(done, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.parametrize('env, expected', [({}, '[True, True] 0'), ({'FINETUNE_MALLOPT': '0'}, '[False, False] 1')])
+def test_the_first_fit_keeps_freed_memory_in_the_heap(env, expected):
+    """With finetune's thresholds an 8 MiB block comes from the heap (kept when freed), not from its own mmap."""
+    import os
+    import subprocess
+    import sys
+
+    run_env = {**os.environ, 'FINETUNE_MALLOPT': '1', **env}
+    out = subprocess.run([sys.executable, '-c', MALLINFO], capture_output=True, text=True, env=run_env, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_a_fit_sets_the_malloc_thresholds(dls, llama, monkeypatch):
+    import finetune.callbacks
+
+    calls = []
+    monkeypatch.setattr(finetune.callbacks, 'keep_freed_memory', lambda: calls.append(1))
+    causal_lm_learner(dls, llama, precision='fp32').fit(1, 1e-4)
+    assert calls
