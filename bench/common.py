@@ -91,10 +91,10 @@ def plain_loop(model, batches, precision: str, lr: float):
     """
     import torch
 
-    from finetune.precision import autocast
+    from finetune.precision import autocast, cast_parameters
 
     if precision == 'bf16-true':
-        model.to(torch.bfloat16)  # the whole model: weights, gradients and optimizer state
+        cast_parameters(model, torch.bfloat16)  # weights, so gradients and optimizer state too
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     dtype = torch.bfloat16 if precision in ('bf16', 'bf16-autocast') else None  # autocast
     model.train()

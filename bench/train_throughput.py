@@ -71,7 +71,9 @@ def trainer_side(model, batches, precision):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     if precision == 'bf16-true':
-        model.to(torch.bfloat16)
+        from finetune.precision import cast_parameters
+
+        cast_parameters(model, torch.bfloat16)
 
     data = [{'input_ids': x, 'labels': x} for x in batches.view(-1, SEQ_LEN)]
     out = tempfile.mkdtemp()

@@ -4,8 +4,8 @@ glibc serves an allocation above its mmap threshold (128 KiB at first, raised as
 at most 32 MiB) with its own mmap, unmapped when freed, and trims the heap's top once 128 KiB are
 free there. A training step allocates and frees the same large activations every time, so each
 step faults in fresh, zeroed pages from the OS. `keep_freed_memory` sets the mmap threshold to its
-maximum and turns trimming off (`mallopt`), once per process, at the first fit; the process then
-keeps its peak heap instead of handing it back between steps. `bench/allocator.py` measures it
+maximum and the trim threshold to 1 GiB (`mallopt`), once per process, at the first fit; the process
+then keeps its heap instead of handing it back between steps. `bench/allocator.py` measures it
 against glibc's defaults. `FINETUNE_MALLOPT=0` leaves the defaults; nothing happens off glibc.
 """
 
@@ -20,18 +20,21 @@ __all__ = ['keep_freed_memory']
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit: larger blocks are always mmapped
-_done = False
+TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top before glibc returns it: 1 GiB
+_state = {'tried': False, 'set': False}
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap threshold to 32 MiB and stop trimming, once per process; True if it is set."""
-    global _done
-    if _done or os.environ.get('FINETUNE_MALLOPT', '1') == '0' or platform.libc_ver()[0] != 'glibc':
-        return _done
+    """Raise glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB, tried once per process; True if set."""
+    if _state['tried']:
+        return _state['set']
+    if os.environ.get('FINETUNE_MALLOPT', '1') == '0' or platform.libc_ver()[0] != 'glibc':
+        return False  # asked again at the next fit: the environment may change in a notebook
+    _state['tried'] = True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+        _state['set'] = ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):
-        return False
-    _done = bool(ok)
-    return _done
+        pass
+    return _state['set']

@@ -16,7 +16,7 @@ from .learner import DEFAULT_LR, LORA_LR, CausalLMLearner
 from .lora import add_lora
 from .loss import resolve_fused_head
 from .models import check_seq_len, check_vocab, load_model, load_tokenizer, new_parameters
-from .precision import resolve_precision
+from .precision import cast_parameters, resolve_precision
 
 __all__ = ['causal_lm_learner']
 
@@ -69,8 +69,8 @@ def causal_lm_learner(
     if device is not None:
         model.to(device)
     resolved = resolve_precision(precision, next(model.parameters()).device)
-    if resolved.weights is not None:  # 'bf16-true': the model itself is cast
-        model.to(resolved.weights)
+    if resolved.weights is not None:  # 'bf16-true': the model's parameters are cast, its buffers kept
+        cast_parameters(model, resolved.weights)
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     only = None

@@ -404,6 +404,9 @@ def learner_state(learn, epoch_done: bool = False) -> tuple[dict, dict[str, torc
     return state, weights, optimizer_tensors
 
 
+OLD_PRECISION_NAMES = {'bfloat16': 'bf16-autocast', 'float16': 'fp16'}  # stored before the precision names
+
+
 def restore_learner(learn, ckpt: Checkpoint, force: bool = False) -> None:
     """Put `ckpt`'s weights, optimizer, frozen groups, sampler, trained tokens and step count into `learn`.
 
@@ -411,6 +414,9 @@ def restore_learner(learn, ckpt: Checkpoint, force: bool = False) -> None:
     a refused checkpoint changes nothing.
     """
     mine, saved = learner_identity(learn), ckpt.state['identity']
+    training = saved.get('training') or {}
+    if training.get('precision') in OLD_PRECISION_NAMES:  # written before the names; 'bfloat16' was autocast
+        saved = {**saved, 'training': {**training, 'precision': OLD_PRECISION_NAMES[training['precision']]}}
     differ = {
         k: (saved.get(k), mine.get(k)) for k in ('data', 'model', 'bs', 'training') if saved.get(k) != mine.get(k)
     }

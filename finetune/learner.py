@@ -37,6 +37,7 @@ import torch
 from fastai.callback.core import CancelEpochException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_detach
 from fastcore.basics import noop
@@ -82,6 +83,14 @@ __all__ = ['CausalLMLearner', 'AdamW', 'adamw', 'DEFAULT_LR', 'LORA_LR']
 
 DEFAULT_LR = 1e-4  # peak one-cycle LR for full fine-tuning of a pretrained LM
 LORA_LR = 2e-4  # the same with LoRA adapters, which tolerate (and need) a larger step
+
+
+FASTAI_STEP_CALLBACKS = {
+    MixedPrecision: "precision= ('bf16', 'bf16-true', 'bf16-autocast', 'fp16' on CUDA, 'fp32', 'auto'), or "
+    'learn.to_bf16() / learn.to_fp16()',
+    GradientAccumulation: 'accum_steps= (the gradient per token of the whole window)',
+    GradientClip: "clip= (applied to the fp32 gradients with precision='bf16')",
+}
 
 
 class CausalLMLearner(Learner):
@@ -228,12 +237,10 @@ class CausalLMLearner(Learner):
         return self.precision.autocast
 
     def add_cb(self, cb):
-        if isinstance(cb, MixedPrecision) or (isinstance(cb, type) and issubclass(cb, MixedPrecision)):
-            raise ValueError(
-                "fastai's MixedPrecision callback does not apply here: the precision is causal_lm_learner's "
-                "precision= ('bf16', 'bf16-true', 'bf16-autocast', 'fp16' on CUDA, 'fp32', 'auto'), or "
-                'learn.to_bf16() / learn.to_fp16()'
-            )
+        kind = cb if isinstance(cb, type) else type(cb)
+        for fastai_cb, ours in FASTAI_STEP_CALLBACKS.items():  # what TrainStepCallback and precision= do
+            if issubclass(kind, fastai_cb):
+                raise ValueError(f"fastai's {fastai_cb.__name__} callback does not apply here: use {ours}")
         return super().add_cb(cb)
 
     def export(self, *args, **kwargs):

@@ -14,9 +14,10 @@ autocast state back at run time.
   state are bf16 too (half the memory of 'bf16'); updates smaller than half a bf16 step of a
   weight are lost, so the loss falls more slowly at fine-tuning learning rates (README, Precision).
 - 'fp16': autocast with loss scaling, CUDA only. 'fp32': no mixed precision.
-- 'auto': 'bf16' on CUDA GPUs that have it ('fp16' on those that don't) and on CPUs that compute
-  bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), 'fp32' elsewhere: on a CPU without bf16
-  instructions a bf16 matmul is emulated, tens of times slower than fp32.
+- 'auto': 'bf16' on CPUs that compute bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), 'fp32' on
+  other CPUs (a bf16 matmul is emulated there, tens of times slower than fp32); on CUDA GPUs
+  'bf16-autocast' where they have bf16 ('fp16' where they don't): 'bf16' was measured against it on
+  CPUs only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ import torch
 
 from .cache import atomic_write_text, cache_folder
 
-__all__ = ['PRECISIONS', 'Precision', 'resolve_precision', 'cpu_has_native_bf16', 'matmul_flops', 'autocast']
+__all__ = [
+    'PRECISIONS',
+    'Precision',
+    'resolve_precision',
+    'cpu_has_native_bf16',
+    'matmul_flops',
+    'cast_parameters',
+    'autocast',
+]
 
 PRECISIONS = ('auto', 'bf16', 'bf16-true', 'bf16-autocast', 'fp16', 'fp32')  # what `precision=` takes
 
@@ -110,15 +119,19 @@ def cpu_has_native_bf16() -> bool:
     if flags.strip():
         return any(f' {flag} ' in flags for flag in ('avx512_bf16', 'amx_bf16', 'bf16'))
     key = f'{platform.processor() or platform.machine()} torch {torch.__version__}'
-    path = cache_folder('machine') / 'bf16.json'
     try:
-        known = json.loads(path.read_text())
+        path = cache_folder('machine') / 'bf16.json'
+        known = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
-        known = {}
+        path, known = None, {}
     if key not in known:
         n = 256  # small: an emulated bf16 matmul takes milliseconds at this size, not seconds
         known[key] = matmul_flops(torch.bfloat16, n, 0.1) >= matmul_flops(torch.float32, n, 0.1)
-        atomic_write_text(path, json.dumps(known))
+        try:
+            if path is not None:
+                atomic_write_text(path, json.dumps(known))
+        except OSError:
+            pass  # measured again next time; an unwritable cache must not stop training
     return bool(known[key])
 
 
@@ -130,7 +143,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> Precision:
     cuda = device.type == 'cuda'
     if precision == 'auto':
         if cuda:
-            precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+            precision = 'bf16-autocast' if torch.cuda.is_bf16_supported() else 'fp16'  # not measured on GPUs
         else:
             precision = 'bf16' if device.type == 'cpu' and cpu_has_native_bf16() else 'fp32'
     if precision == 'fp32':
@@ -157,6 +170,15 @@ def resolve_precision(precision: str, device: torch.device | str) -> Precision:
     if precision == 'bf16-true':
         return Precision(precision, weights=torch.bfloat16)
     return Precision('bf16', master=True)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters of `model` to `dtype` ('bf16-true'), leaving its buffers as they are:
+    `model.to(dtype)` would also round fp32 buffers such as RoPE's `inv_freq`, shifting positions far out."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):

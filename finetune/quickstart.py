@@ -146,10 +146,10 @@ def size_run(left_s: float, step_s: float, block_s: float, n_corpora: int, max_v
     usable = left_s * (1 - MARGIN) - RESERVE_S
     per_block = 2 * n_corpora * block_s  # one more block per corpus in each of the two validations
     blocks = max_valid_blocks if per_block * max_valid_blocks <= usable / 5 else int(usable / 5 // per_block)
-    blocks = max(2, min(max_valid_blocks, blocks))
+    blocks = max(2, min(max_valid_blocks, blocks, int((usable - step_s) // per_block)))  # room for a step first
     steps = int((usable - per_block * blocks) // step_s)
     if steps < 1:
-        need = (step_s + per_block * 2 + RESERVE_S) / (1 - MARGIN) - left_s
+        need = max(60.0, (step_s + per_block * 2 + RESERVE_S) / (1 - MARGIN) - left_s)
         raise ValueError(
             f'{what} is too short on this machine: one training step takes {step_s:.1f} s ({step_s / 60:.2f} minutes), '
             f'two validations of {2 * n_corpora} blocks {per_block * 2:.0f} s and generating and saving about '

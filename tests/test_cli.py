@@ -308,6 +308,8 @@ def test_a_run_is_sized_to_what_is_left_of_the_budget():
     assert size.valid_blocks == 16 and size.steps * 4.0 + validation <= usable < (size.steps + 1) * 4.0 + validation
     slow_valid = size_run(300, step_s=1.0, block_s=5.0, n_corpora=3)  # validation would take most of the budget
     assert slow_valid.valid_blocks == 2 and slow_valid.steps == int(300 * (1 - MARGIN) - RESERVE_S - 60)
+    tight = size_run(126.3, step_s=90.0, block_s=0.25, n_corpora=2)  # fewer validation blocks, so that a step fits
+    assert tight.steps == 1 and 2 <= tight.valid_blocks < 16
     with pytest.raises(
         ValueError, match=r'one training step takes 40.0 s \(0.67 minutes\).*raise it by at least 1 minute'
     ):

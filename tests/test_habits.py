@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import sentences, tiny_gpt2, tiny_llama
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.interpret import Interpretation
 
 from finetune import Corpus, causal_lm_learner, corpus_perplexity, generate, lm_dataloaders, load_model
@@ -83,6 +84,9 @@ def test_fastais_precision_switches_map_onto_precision(learn, two, tokenizer):
     assert learn.to_fp32().precision.name == 'fp32'
     with pytest.raises(ValueError, match="precision= .*'bf16'"):
         causal_lm_learner(two, tiny_llama(len(tokenizer)), cbs=MixedPrecision())
+    for fastai_cb, ours in ((GradientAccumulation(8), 'accum_steps='), (GradientClip(0.5), 'clip=')):
+        with pytest.raises(ValueError, match=f'{type(fastai_cb).__name__} callback does not apply here.*{ours}'):
+            causal_lm_learner(two, tiny_llama(len(tokenizer)), cbs=fastai_cb)
 
 
 def test_swapped_dls_bring_their_own_corpus_metrics(learn, two, tokenizer, tmp_path, cat_corpus_dir):

@@ -265,6 +265,7 @@ def test_bf16_true_trains_in_bf16_end_to_end(dls, llama):
     seen = SeenAtStep()
     learn = causal_lm_learner(dls, llama, precision='bf16-true', cbs=[seen])
     assert all(p.dtype == torch.bfloat16 for p in llama.parameters())  # cast when the learner is built
+    assert all(b.dtype == torch.float32 for b in llama.buffers() if b.is_floating_point())  # RoPE's inv_freq kept
     assert 'bf16-true' in repr(learn) and 'without an fp32 copy' not in repr(learn)
     assert activation_dtypes(learn) == {torch.bfloat16} and seen.autocast == {False}
     assert seen.weights == {torch.bfloat16} and seen.grads == {torch.bfloat16}
