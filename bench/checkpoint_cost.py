@@ -19,7 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import cpu_name, reference_dls, step_timer
+from common import machine, reference_dls, step_timer
 
 SEQ_LEN, BS = 256, 4
 
@@ -67,7 +67,8 @@ def main():
     save = statistics.median(saves)
     size = sum(f.stat().st_size for f in max(run.rglob('step-*'), key=lambda p: p.stat().st_mtime).iterdir())
     plain = step['no checkpoints']
-    print(f'\ncheckpoint cost: SmolLM2-135M, seq_len {SEQ_LEN}, batch {BS}, precision {a.precision}, {cpu_name()}')
+    print(f'\ncheckpoint cost: SmolLM2-135M, seq_len {SEQ_LEN}, batch {BS}, precision {a.precision}')
+    machine(peaks=False)
     print(f'{len(saves)} saves, {len(times["no checkpoints"])} timed steps per side\n')
     print('| side | median step | vs no checkpoints |\n|---|---|---|')
     for k, v in step.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from common import cpu_name, reference_dls, step_timer
+from common import machine, reference_dls, step_timer
 
 SEQ_LEN, GLOBAL_BS = 256, 8
 
@@ -53,8 +52,8 @@ def main():
     a = p.parse_args()
     if a.report:
         return worker(a)
-    print(f'CPU: {cpu_name()}, {os.cpu_count()} cores; SmolLM2-135M, seq_len {SEQ_LEN}, global batch {GLOBAL_BS}, '
-          f'{a.precision}')  # fmt: skip
+    machine(peaks=False)
+    print(f'SmolLM2-135M, seq_len {SEQ_LEN}, global batch {GLOBAL_BS}, {a.precision}')
     times: dict[int, list[float]] = {1: [], 2: []}
     for r in range(a.rounds):
         for procs in (1, 2) if r % 2 == 0 else (2, 1):

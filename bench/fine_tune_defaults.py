@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import cpu_name
+from common import machine
 
 SEQ_LEN, BS = 256, 4
 
@@ -130,7 +130,8 @@ def main():
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     held = held_out_corpus(root / 'held_out')
     precision = resolve_precision(a.precision, torch.device('cpu'))
-    print(f'CPU: {cpu_name()}; SmolLM2-135M-Instruct, {a.steps} steps of {BS} x {SEQ_LEN} tokens, {precision.says}')
+    machine(peaks=False)
+    print(f'SmolLM2-135M-Instruct, {a.steps} steps of {BS} x {SEQ_LEN} tokens, {precision.says}')
     rows = []
 
     def record(dom, setting, learn, names, seconds, **extra):

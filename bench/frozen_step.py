@@ -14,7 +14,7 @@ import argparse
 import statistics
 import warnings
 
-from common import cpu_name, reference_dls, step_timer
+from common import machine, reference_dls, step_timer
 
 SEQ_LEN, BS = 256, 4
 
@@ -42,7 +42,8 @@ def main():
             learn.fit(1, 1e-5)
         sides[name].append(statistics.median(timer.times))
 
-    print(f'CPU: {cpu_name()}; SmolLM2-135M (tied embeddings), seq_len {SEQ_LEN}, batch {BS}, {a.precision}')
+    machine(peaks=False)
+    print(f'SmolLM2-135M (tied embeddings), seq_len {SEQ_LEN}, batch {BS}, {a.precision}')
     names = list(sides)
     run(names[0])  # warm-up
     for sides_list in sides.values():

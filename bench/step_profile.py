@@ -19,7 +19,7 @@ import warnings
 from collections import defaultdict
 
 import torch
-from common import PLAIN_PHASES, plain_loop
+from common import PLAIN_PHASES, machine, plain_loop
 from train_throughput import BS, SEQ_LEN, data
 
 EVENTS = ('before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step')
@@ -101,6 +101,7 @@ def main():
     p.add_argument('--ops', action='store_true', help="also torch.profiler's top operators over one Learner epoch")
     a = p.parse_args()
     warnings.filterwarnings('ignore')
+    machine(peaks=False)
     from finetune import load_model
 
     dls, _, batches = data(a.steps)

@@ -463,6 +463,30 @@ def test_lora_trains_only_adapters_and_saves_both_ways(dls, llama, tmp_path):
     assert any('lora_' in n for n, _ in learn.model.named_parameters())  # the learner keeps its adapters
 
 
+def test_lora_in_bf16_trains_adapters_on_a_bf16_copy_and_leaves_the_base_fp32(dls, llama, monkeypatch):
+    seen = SeenAtStep()
+    learn = causal_lm_learner(dls, llama, lora=True, precision='bf16', cbs=[seen])
+    base = {n: p.detach().clone() for n, p in learn.model.named_parameters() if not p.requires_grad}
+    master = next(cb for cb in learn.cbs if isinstance(cb, MasterWeightsCallback))
+    copied = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, '_foreach_copy_', lambda dst, src: (copied.append(len(dst)), real(dst, src)))
+    out = []
+    mlp = learn.model.get_base_model().model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, i, o: out.append(o.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1, 1e-3)
+    handle.remove()
+    assert set(out) == {torch.bfloat16}
+    adapters = sum(p.requires_grad for p in learn.model.parameters())
+    assert copied and set(copied) == {adapters}  # after the first copy, only the adapters are refreshed
+    assert seen.weights == {torch.float32} and seen.grads == {torch.float32}
+    after = dict(learn.model.named_parameters())
+    assert all(torch.equal(after[n], p) and after[n].dtype == torch.float32 for n, p in base.items())
+    assert master.params == []  # nothing held after the fit
+
+
 def test_lora_bad_target_modules_lists_linear_layers(dls, llama):
     from peft import LoraConfig
 
