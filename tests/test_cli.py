@@ -266,13 +266,18 @@ def test_quickstart_corpora_come_from_this_python(tmp_path):
     assert len(texts) > 20 and all(len(t) > 0 for t in texts)
 
 
-@pytest.mark.slow
-def test_quickstart_runs_on_a_stand_in_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """The quickstart's whole path, with a tiny model standing in for the embedded SmolLM2."""
+@pytest.fixture
+def stand_in_zoo(tmp_path, tiny_model_dir, monkeypatch):
+    """A tiny model stands in for the embedded SmolLM2; the quickstart's corpora go to a fresh cache."""
     import finetune.models as models
 
     monkeypatch.setattr(models, 'zoo_model_dir', lambda name: tiny_model_dir)
     monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_a_stand_in_model(tmp_path, stand_in_zoo, capsys):
+    """The quickstart's whole path, with a tiny model standing in for the embedded SmolLM2."""
     from finetune.quickstart import run_quickstart
 
     result = run_quickstart(out=tmp_path / 'qs', steps=6, seq_len=32, bs=4, lr=3e-3, precision='fp32')
@@ -283,11 +288,7 @@ def test_quickstart_runs_on_a_stand_in_model(tmp_path, tiny_model_dir, monkeypat
 
 
 @pytest.mark.slow
-def test_quickstart_sizes_its_run_to_the_time_budget(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import finetune.models as models
-
-    monkeypatch.setattr(models, 'zoo_model_dir', lambda name: tiny_model_dir)
-    monkeypatch.setenv('FINETUNE_CACHE', str(tmp_path / 'cache'))
+def test_quickstart_sizes_its_run_to_the_time_budget(tmp_path, stand_in_zoo, capsys):
     from finetune.quickstart import run_quickstart
 
     result = run_quickstart(out=tmp_path / 'qs', minutes=0.5, seq_len=32, bs=4, lr=3e-3, precision='fp32')
