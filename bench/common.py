@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'neon', 'asimd', 'bf16')  # what bf16 speed hangs on
+FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'asimd', 'bf16')  # what matmul speed hangs on
 
 
 def cpu_name() -> str:
@@ -31,9 +31,9 @@ def machine(peaks: bool = True) -> dict:
     """
     import torch
 
-    from finetune.precision import _flags, cpu_has_native_bf16, matmul_flops
+    from finetune.precision import cpu_flags, cpu_has_native_bf16, matmul_flops
 
-    flags = [f for f in FLAGS if f' {f} ' in _flags()]
+    flags = sorted(set(FLAGS) & cpu_flags(), key=FLAGS.index)
     out = {'cpu': cpu_name(), 'cores': os.cpu_count(), 'threads': torch.get_num_threads(), 'flags': flags,
            'native_bf16': cpu_has_native_bf16()}  # fmt: skip
     if peaks:

@@ -39,6 +39,8 @@ __all__ = [
     'PRECISIONS',
     'Precision',
     'resolve_precision',
+    'BF16_FLAGS',
+    'cpu_flags',
     'cpu_has_native_bf16',
     'matmul_flops',
     'cast_parameters',
@@ -76,24 +78,27 @@ class Precision:
         }.get(self.name, self.name)
 
 
-def _flags() -> str:
-    """The CPU's feature flags as the OS reports them ('' where it does not)."""
+BF16_FLAGS = {'avx512_bf16', 'amx_bf16', 'bf16'}  # x86 AVX512-BF16, AMX, ARM BF16 (Linux's and macOS's names)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the OS reports them (empty where it does not: then bf16 is measured)."""
     system = platform.system()
     if system == 'Linux':
         try:
             with open('/proc/cpuinfo') as f:
                 text = f.read(1 << 16)
         except OSError:
-            return ''
+            return set()
         line = next((s for s in text.splitlines() if s.startswith(('flags', 'Features'))), '')
-        return ' ' + line.partition(':')[2].strip() + ' '
+        return set(line.partition(':')[2].split())
     if system == 'Darwin':  # Apple silicon: FEAT_BF16 from M2 on
         try:
             out = subprocess.run(['sysctl', '-n', 'hw.optional.arm.FEAT_BF16'], capture_output=True, text=True)
         except OSError:
-            return ''
-        return ' bf16 ' if out.stdout.strip() == '1' else ' nobf16 '
-    return ''  # Windows and others: measured instead
+            return set()
+        return {'bf16'} if out.stdout.strip() == '1' else {'nobf16'}
+    return set()  # Windows and others
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
@@ -115,9 +120,9 @@ def cpu_has_native_bf16() -> bool:
     Read from the CPU's flags on Linux and macOS; elsewhere a bf16 and an fp32 matmul are timed once
     (native when bf16 runs at least as fast) and the answer is kept in the cache folder.
     """
-    flags = _flags()
-    if flags.strip():
-        return any(f' {flag} ' in flags for flag in ('avx512_bf16', 'amx_bf16', 'bf16'))
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & BF16_FLAGS)
     key = f'{platform.processor() or platform.machine()} torch {torch.__version__}'
     try:
         path = cache_folder('machine') / 'bf16.json'
